@@ -1,0 +1,400 @@
+"""SAM, ASAM and the two-pass machinery shared by every sharpness-aware optimizer here.
+
+One step at weights w with gradient g = ∇L(w):
+
+1. ``first_step``: ε from the ascent direction d (d = g for SAM), then w ← w + ε;
+2. the caller computes g' = ∇L(w + ε);
+3. ``second_step``: w is restored exactly and the base optimizer steps with g'.
+
+With T_ℓ = |w_ℓ| + η for ``adaptive=True`` (ASAM, Kwon et al. 2021, Eq. 9) and T_ℓ = 1
+otherwise (SAM, Foret et al. 2021, Eq. 2), for every parameter tensor ℓ of a group with
+radius ρ:
+
+    ε_ℓ = ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12),   ‖T ⊙ d‖₂ over every tensor of the model.
+
+With a :class:`~zsharp.optim.zscore.ZScoreFilter` (ZSharp, arXiv 2505.02369) d is replaced
+by the filtered direction d̃ = d ⊙ m:
+
+``variant="paper"``
+    ε_ℓ = ρ · T_ℓ² ⊙ d̃_ℓ / (‖T ⊙ d̃‖₂ + 1e-12) with one norm over the whole model, so
+    ‖ε‖ = ρ; if d̃ is zero everywhere, d is used instead.
+``variant="official"`` (the released code)
+    tensors with ndim > 1 are normalised one by one,
+    ε_ℓ = ρ · T_ℓ² ⊙ d̃_ℓ / (‖T_ℓ ⊙ d̃_ℓ‖₂ + 1e-12), falling back to the SAM share
+    ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) when d̃_ℓ = 0; 1-D tensors always get the SAM share.
+    ‖ε‖ is then about ρ·√(number of filtered tensors). With T = 1 this is ``main.py``.
+
+Nothing here synchronises with the device: norms, fallbacks and overflow checks stay on
+the device as tensors and select with arithmetic, never with a Python ``if``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from zsharp.optim.zscore import ZScoreFilter, check_percentile
+
+# Guards the normalisations against a zero gradient, as in the reference implementations.
+NORM_EPS = 1e-12
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_base_optimizer(base_optimizer: Any) -> type[Optimizer]:
+    """Return ``base_optimizer`` if it is an Optimizer class, else raise a ValueError."""
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+        raise ValueError(
+            "base_optimizer must be a torch.optim.Optimizer subclass such as "
+            f"torch.optim.SGD (the class, not an instance), got {base_optimizer!r}"
+        )
+    return base_optimizer
+
+
+def check_base_kwargs(base_optimizer: type[Optimizer], kwargs: dict[str, Any]) -> None:
+    """Raise a ValueError naming any keyword the base optimizer does not accept."""
+    parameters = inspect.signature(base_optimizer.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise ValueError(
+            f"unknown argument {unknown[0]!r} for base optimizer {base_optimizer.__name__} "
+            f"(it takes {sorted(set(parameters) - {'self', 'params'})})"
+        )
+
+
+def _global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """‖(t₁, …, t_n)‖₂ as a 0-d float32 tensor on ``device``, without a host sync."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+
+
+class _Group:
+    """The tensors of one param group that take part in a step (those with a gradient)."""
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group
+        self.params = [p for p in group["params"] if p.grad is not None]
+        self.grads = [p.grad for p in self.params]
+        self.rho = float(group["rho"])
+        self.direction: list[Tensor] = self.grads  # d; replaced by Friendly-SAM
+        # T = |w| + η (ASAM), or None for T = 1
+        self.scale: list[Tensor] | None = None
+        if group["adaptive"] and self.params:
+            self.scale = torch._foreach_abs(self.params)
+            torch._foreach_add_(self.scale, float(group["eta"]))
+
+    def times_scale(self, tensors: list[Tensor]) -> list[Tensor]:
+        """T ⊙ tensors as new tensors (a copy for T = 1, so callers may write into it)."""
+        if self.scale is None:
+            return torch._foreach_mul(tensors, 1.0)
+        return torch._foreach_mul(tensors, self.scale)
+
+    def times_scale_(self, tensors: list[Tensor]) -> None:
+        """tensors ← T ⊙ tensors, in place."""
+        if self.scale is not None:
+            torch._foreach_mul_(tensors, self.scale)
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization (Foret et al. 2021) around any base optimizer.
+
+    Args:
+        params: parameters or param groups; a group may set its own ``rho``, ``adaptive``,
+            ``eta`` (and ``percentile`` when filtered) besides the base optimizer's keys.
+        base_optimizer: the optimizer class that takes the descent step, e.g.
+            ``torch.optim.SGD``; ``**base_kwargs`` go to it (``lr``, ``momentum``, …).
+        rho: the neighbourhood radius ρ ≥ 0.
+        adaptive: ASAM's scale-invariant neighbourhood, T_w = |w| + η.
+        eta: η ≥ 0 of ASAM (ignored unless ``adaptive``).
+        zfilter: a :class:`ZScoreFilter` to filter the ascent direction (ZSharp).
+
+    The wrapper and its base optimizer share ``param_groups``: an LR scheduler attached to
+    the wrapper drives the base optimizer's learning rate. ``state_dict()`` holds this
+    optimizer's own state, the base optimizer's state and the groups, never a copy of w.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        *,
+        zfilter: ZScoreFilter | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        base_optimizer = check_base_optimizer(base_optimizer)
+        check_base_kwargs(base_optimizer, base_kwargs)
+        if zfilter is not None and not isinstance(zfilter, ZScoreFilter):
+            raise ValueError(f"zfilter must be a ZScoreFilter or None, got {zfilter!r}")
+        defaults: dict[str, Any] = {
+            "rho": check_nonnegative("rho", rho),
+            "adaptive": bool(adaptive),
+            "eta": check_nonnegative("eta", eta),
+            **self._extra_defaults(),
+            **base_kwargs,
+        }
+        if zfilter is not None:
+            defaults["percentile"] = zfilter.percentile
+        super().__init__(params, defaults)
+        self.zfilter = zfilter
+        for group in self.param_groups:
+            self._check_group(group)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        # w, saved by first_step and restored by second_step; never part of state_dict
+        self._saved_weights: list[Tensor] | None = None
+        self._perturbed_params: list[Tensor] = []
+        self._finite: Tensor | None = None
+
+    # --- configuration ------------------------------------------------------------------
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Defaults of a subclass's own hyperparameters (Friendly-SAM's σ and λ)."""
+        return {}
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate the sharpness-aware hyperparameters of one param group."""
+        check_nonnegative("rho", group["rho"])
+        check_nonnegative("eta", group["eta"])
+        if "percentile" in group:
+            check_percentile(group["percentile"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to this optimizer and (shared) to its base optimizer."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step`` and ``second_step`` (the weights are w + ε)."""
+        return self._saved_weights is not None
+
+    # --- the two steps --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(
+        self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Move the weights to w + ε, computed from the gradients now in ``.grad``.
+
+        With a ``grad_scaler`` the gradients are unscaled here (once for this pass); if they
+        overflowed, ε is 0 and ``second_step`` makes the scaler skip the update.
+        """
+        if self._saved_weights is not None:
+            raise RuntimeError("first_step() called twice: call second_step() in between")
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        if scaler is not None:
+            scaler.unscale_(self)  # its own record, apart from the base optimizer's
+        groups = [_Group(group) for group in self.param_groups]
+        groups = [g for g in groups if g.params]
+        params = [p for g in groups for p in g.params]
+        if not params:
+            raise RuntimeError("first_step() found no gradient: call loss.backward() first")
+        device = params[0].device
+        if scaler is not None:
+            self._finite = torch.isfinite(_global_norm([p.grad for p in params], device))
+        self._set_directions(groups)
+        epsilon = self._epsilon(groups, device)
+        if self._finite is not None:
+            for e in epsilon:  # overflow: no perturbation (NaN·0 is NaN, hence masked_fill)
+                e.masked_fill_(self._finite.logical_not().to(e.device), 0.0)
+        # Only now, with the temporaries of ε freed, is w copied: that keeps the peak at
+        # w, g, ε and the copy, as for plain SAM.
+        self._saved_weights = torch._foreach_mul(params, 1.0)  # exact copy, -0.0 kept
+        self._perturbed_params = params
+        torch._foreach_add_(params, epsilon)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(
+        self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Restore w exactly and let the base optimizer step with the gradient at w + ε.
+
+        With a ``grad_scaler`` the step goes through ``grad_scaler.step`` (which unscales
+        this pass and skips the update on overflow); call ``grad_scaler.update()`` after.
+        """
+        if self._saved_weights is None:
+            raise RuntimeError("second_step() called without first_step()")
+        torch._foreach_copy_(self._perturbed_params, self._saved_weights)
+        self._saved_weights, self._perturbed_params = None, []
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        if scaler is not None:
+            self._forward_first_pass_overflow()
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._finite = None
+        # LR schedulers attached to this wrapper check that its step ran before theirs.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """A whole SAM step; ``closure`` computes the loss and calls ``backward()``.
+
+        As in davda54/sam the gradient at w may already be there (the caller ran
+        ``loss.backward()``); if no parameter has a gradient, the closure is called first
+        to compute it. Returns the loss at w when computed here, else the loss at w + ε.
+        """
+        if closure is None:
+            raise ValueError(
+                "closure: a SAM-family step needs a closure that computes the loss and calls "
+                "backward(), or use first_step()/second_step()"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = None
+        if all(p.grad is None for group in self.param_groups for p in group["params"]):
+            loss = closure()
+        self.first_step(zero_grad=True)
+        perturbed_loss = closure()
+        self.second_step()
+        return loss if loss is not None else perturbed_loss
+
+    def _forward_first_pass_overflow(self) -> None:
+        """Make the scaler skip this update if the first pass overflowed.
+
+        The scaler only inspects the gradients it unscales in ``step``; adding +inf to one
+        gradient per device (0 when the first pass was finite) hands it that information
+        without a host sync or private GradScaler state.
+        """
+        if self._finite is None:
+            return
+        seen: set[torch.device] = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.device not in seen:
+                    seen.add(p.grad.device)
+                    finite = self._finite.to(p.grad.device)
+                    p.grad.add_(torch.where(finite, 0.0, float("inf")).to(p.grad.dtype))
+
+    # --- ε ------------------------------------------------------------------------------
+
+    def _set_directions(self, groups: list[_Group]) -> None:
+        """Set each group's ascent direction d (the gradient for SAM and ASAM)."""
+
+    def _epsilon(self, groups: list[_Group], device: torch.device) -> list[Tensor]:
+        """ε for every parameter with a gradient, in the order of ``groups``."""
+        if self.zfilter is None:
+            return self._normalised(groups, [g.direction for g in groups], device)
+        if self.zfilter.variant == "paper":
+            return self._epsilon_paper(groups, device)
+        return self._epsilon_official(groups, device)
+
+    def _normalised(
+        self, groups: list[_Group], directions: list[list[Tensor]], device: torch.device
+    ) -> list[Tensor]:
+        """ε_ℓ = ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) with one norm over every group."""
+        scaled = [g.times_scale(d) for g, d in zip(groups, directions, strict=True)]
+        norm = _global_norm([t for s in scaled for t in s], device)
+        epsilon: list[Tensor] = []
+        for group, s in zip(groups, scaled, strict=True):
+            group.times_scale_(s)
+            torch._foreach_mul_(s, (group.rho / (norm + NORM_EPS)).to(s[0].dtype))
+            epsilon.extend(s)
+        return epsilon
+
+    def _filtered(self, groups: list[_Group], select: Callable[[Tensor], bool]) -> list[Tensor]:
+        """Filtered copies d̃ of the directions of the tensors ``select`` picks."""
+        assert self.zfilter is not None
+        chosen = [
+            (d, float(group.group["percentile"]))
+            for group in groups
+            for d in group.direction
+            if select(d)
+        ]
+        return self.zfilter.apply([d for d, _ in chosen], [p for _, p in chosen])
+
+    def _epsilon_paper(self, groups: list[_Group], device: torch.device) -> list[Tensor]:
+        """ZSharp as the paper writes it: one global norm of d̃, fallback to d if d̃ = 0."""
+        filtered = self._filtered(groups, lambda _: True)
+        directions = [g.direction for g in groups]
+        flat_d = [d for ds in directions for d in ds]
+        # d̃ + 1[d̃ = 0]·d: d̃ itself, or d when nothing survived (then d̃ is all zeros)
+        fallback = (_global_norm(filtered, device) == 0).to(torch.float32)
+        torch._foreach_addcmul_(filtered, flat_d, [fallback.to(d) for d in flat_d])
+        chunks, start = [], 0
+        for ds in directions:
+            chunks.append(filtered[start : start + len(ds)])
+            start += len(ds)
+        return self._normalised_owned(groups, chunks, device)
+
+    def _normalised_owned(
+        self, groups: list[_Group], directions: list[list[Tensor]], device: torch.device
+    ) -> list[Tensor]:
+        """:meth:`_normalised` writing into ``directions`` (buffers this step owns)."""
+        for group, d in zip(groups, directions, strict=True):
+            group.times_scale_(d)
+        norm = _global_norm([t for d in directions for t in d], device)
+        epsilon: list[Tensor] = []
+        for group, d in zip(groups, directions, strict=True):
+            group.times_scale_(d)
+            torch._foreach_mul_(d, (group.rho / (norm + NORM_EPS)).to(d[0].dtype))
+            epsilon.extend(d)
+        return epsilon
+
+    def _epsilon_official(self, groups: list[_Group], device: torch.device) -> list[Tensor]:
+        """ZSharp as the released code computes it (see the module docstring)."""
+        assert self.zfilter is not None
+        epsilon = self._normalised(groups, [g.direction for g in groups], device)  # SAM share
+        selected = self.zfilter.filters
+        filtered = iter(self._filtered(groups, selected))
+        index = 0
+        for group in groups:
+            for d, share, scale in zip(
+                group.direction,
+                epsilon[index : index + len(group.direction)],
+                group.scale or [None] * len(group.direction),
+                strict=True,
+            ):
+                if selected(d):
+                    d_tilde = next(filtered)
+                    td = d_tilde if scale is None else d_tilde * scale
+                    nonzero = torch.linalg.vector_norm(d_tilde) > 0
+                    radius = group.rho / (torch.linalg.vector_norm(td) + NORM_EPS)
+                    a = torch.where(nonzero, radius, 0.0)
+                    # ε_ℓ = a·T²d̃ where d̃ ≠ 0, else the SAM share already in `share`
+                    td.mul_(a.to(td.dtype))
+                    if scale is not None:
+                        td.mul_(scale)
+                    share.mul_(nonzero.logical_not().to(share.dtype)).add_(td)
+            index += len(group.direction)
+        return epsilon
+
+    # --- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This optimizer's state and groups plus the base optimizer's state."""
+        state = super().state_dict()
+        state["base_state"] = self.base_optimizer.state_dict()["state"]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the groups stay shared with the base optimizer."""
+        state_dict = dict(state_dict)
+        base_state = state_dict.pop("base_state", {})
+        super().load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(
+            {"state": base_state, "param_groups": state_dict["param_groups"]}
+        )
+        self.param_groups = self.base_optimizer.param_groups
