@@ -1,0 +1,32 @@
+"""Exceptions raised by :mod:`zsharp.data`; each message is one line that names the file."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumError",
+    "CorruptArchiveError",
+    "DatasetError",
+    "DatasetNotReadyError",
+    "one_line",
+]
+
+
+class DatasetError(RuntimeError):
+    """Base class for dataset download/preparation/loading failures."""
+
+
+class ChecksumError(DatasetError):
+    """A downloaded or supplied archive does not have the expected md5."""
+
+
+class CorruptArchiveError(DatasetError):
+    """An archive could not be read: truncated, corrupt, or not in the upstream layout."""
+
+
+class DatasetNotReadyError(DatasetError):
+    """``load_prepared`` was asked for data that has not been (completely) prepared."""
+
+
+def one_line(obj: object) -> str:
+    """``str(obj)`` with all whitespace runs squeezed to one space, so messages stay one line."""
+    return " ".join(str(obj).split())
