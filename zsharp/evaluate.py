@@ -1,0 +1,122 @@
+"""Evaluate a finished cell: test accuracy and loss, calibration (ECE) and sharpness.
+
+Reads ``summary.json`` (for the configuration) and ``model.pt`` from the cell directory and
+writes ``eval.json`` atomically. Sharpness is the dominant eigenvalue of the Hessian of the
+training loss on a fixed subset of the training split (the first ``hessian_samples`` of a
+permutation seeded by 0, without augmentation, BatchNorm in eval mode), so every optimizer's
+cells are measured on the same points.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from zsharp import __version__, checkpoint
+from zsharp.config import ConfigError, from_dict
+from zsharp.data.loader import eval_loader
+from zsharp.metrics import evaluate, expected_calibration_error, hessian_top_eigenvalue
+from zsharp.models import build_model
+from zsharp.tracking import Tracker
+from zsharp.train import load_data, select_device
+
+
+@dataclass
+class EvalOptions:
+    """How to evaluate (none of it is part of the cell's configuration)."""
+
+    data_root: Path = Path("data")
+    device: str = "auto"
+    ece_bins: int = 15
+    hessian_samples: int = 1024
+    hessian_iterations: int = 20
+    hessian_tolerance: float = 1e-3
+    hessian_batch_size: int = 256
+    wandb_mode: str | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_dir: Path | None = None
+
+
+def read_summary(cell: Path) -> dict[str, Any]:
+    """The cell's summary.json, or a clear error if the cell did not finish."""
+    path = cell / "summary.json"
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: not found; train the cell first (zsharp train ... --out {cell})"
+        )
+    return json.loads(path.read_text())
+
+
+def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
+    """Evaluate the cell in ``cell`` and write ``cell/eval.json``."""
+    started = time.perf_counter()
+    summary = read_summary(cell)
+    cfg = from_dict(summary["config"])
+    device = select_device(options.device)
+    data = load_data(cfg, options.data_root)
+    model = build_model(
+        cfg.model,
+        num_classes=data.num_classes,
+        image_size=data.image_size,
+        in_channels=data.channels,
+        **cfg.model_args,
+    )
+    model.load_state_dict(checkpoint.load(cell / "model.pt"))
+    model.to(device).eval()
+
+    test = evaluate(model, eval_loader(data, cfg.eval_batch_size, device=device))
+    ece = expected_calibration_error(test.confidence, test.correct, options.ece_bins)
+
+    n = min(options.hessian_samples, len(data.train_y))
+    subset = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:n]
+    subset = subset.sort().values
+    train = eval_loader(data, options.hessian_batch_size, device=device, split="train")
+    batches = []
+    for x, y in _subset_batches(train, subset, options.hessian_batch_size):
+        batches.append((x, y))
+    sharpness, products = hessian_top_eigenvalue(
+        model,
+        F.cross_entropy,
+        batches,
+        iterations=options.hessian_iterations,
+        tolerance=options.hessian_tolerance,
+    )
+    result = {
+        "test_acc": test.accuracy,
+        "test_loss": test.loss,
+        "ece": ece,
+        "ece_bins": options.ece_bins,
+        "sharpness": sharpness,
+        "hessian_samples": n,
+        "hessian_vector_products": products,
+        "seconds": time.perf_counter() - started,
+        "device": str(device),
+        "zsharp": __version__,
+    }
+    tracker = Tracker(
+        mode=options.wandb_mode,
+        project=options.wandb_project,
+        entity=options.wandb_entity,
+        directory=options.wandb_dir or cell,
+        group=f"{cfg.dataset}-{cfg.model}",
+        name=f"{cfg.optimizer}-seed{cfg.seed}",
+        job_type="eval",
+        config=cfg.to_dict(),
+    )
+    tracker.summary(result)
+    tracker.finish()
+    checkpoint.write_json(cell / "eval.json", result)
+    return result
+
+
+def _subset_batches(loader, subset: torch.Tensor, batch_size: int):  # type: ignore[no-untyped-def]
+    """Normalised, unaugmented batches of the samples ``subset`` of ``loader``'s split."""
+    for start in range(0, len(subset), batch_size):
+        yield loader.take(subset[start : start + batch_size])

@@ -1,0 +1,445 @@
+"""Train one cell: data on the device, a SAM-family (or plain) optimizer, checkpoints, W&B.
+
+A cell directory receives, as training goes:
+
+``metrics.jsonl``   one line per epoch (epoch, train_loss, train_acc, test_loss, test_acc,
+                    lr, epoch_seconds, images_per_second), rewritten atomically each epoch;
+``model.pt``        the final weights (a state_dict; ``torch.load(weights_only=True)``);
+``summary.json``    the resolved configuration and the final and best metrics, written
+                    last: its presence means the cell finished.
+
+and a checkpoint (``checkpoint.pt`` unless ``--checkpoint`` says elsewhere) after every
+epoch. Started again with the same command, a killed run continues from its checkpoint and
+ends with the same ``model.pt`` and the same ``metrics.jsonl`` (timings aside) as a run
+that was never interrupted. SIGTERM or SIGUSR1 (SLURM's preemption and time-limit
+warnings) make it write a checkpoint after the current step and exit with
+:data:`EXIT_INTERRUPTED`; a non-finite loss stops it with :data:`EXIT_NONFINITE`, keeping
+the last good checkpoint and writing no summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from zsharp import __version__, checkpoint
+from zsharp.config import CellConfig, ConfigError, Runtime
+from zsharp.data import DatasetNotReadyError, Prepared, download_dataset, load_prepared
+from zsharp.data.loader import DeviceLoader, eval_loader, train_loader
+from zsharp.metrics import evaluate
+from zsharp.models import build_model
+from zsharp.optim import SAM, create, disable_running_stats
+from zsharp.schedule import lr_lambda
+from zsharp.tracking import Tracker
+
+EXIT_INTERRUPTED = 3  # a checkpoint was written; run the same command again to continue
+EXIT_NONFINITE = 4  # the loss became NaN or inf; the last good checkpoint is kept
+CHECKPOINT_FORMAT = 1
+
+
+class PreemptedError(Exception):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum: int, path: Path) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name}; checkpoint written to {path}: "
+            "run the same command again to continue"
+        )
+        self.signum = signum
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when there is a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: ``auto`` is bf16 on CUDA and full precision on the CPU."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+
+
+def load_data(cfg: CellConfig, root: Path) -> Prepared:
+    """The prepared dataset; digits (embedded, no network) is prepared on first use."""
+    try:
+        return load_prepared(cfg.dataset, root)
+    except DatasetNotReadyError:
+        if cfg.dataset != "digits":
+            raise
+        download_dataset("digits", root)
+        return load_prepared(cfg.dataset, root)
+
+
+class StopSignals:
+    """Records SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class Progress:
+    """The state of training that a checkpoint must carry besides model and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed in the current epoch (mid-epoch checkpoints)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    # running sums of the current epoch: loss·n, correct, n
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    epoch_train_seconds: float = 0.0
+    epoch_lr: float | None = None  # the learning rate at the epoch's first step
+    wandb_run_id: str | None = None
+
+
+class CellTrainer:
+    """Everything one cell's training needs, built from a CellConfig and a Runtime."""
+
+    def __init__(self, cfg: CellConfig, rt: Runtime) -> None:
+        self.cfg, self.rt = cfg.validate(), rt
+        self.device = select_device(rt.device)
+        self.autocast_dtype = amp_dtype(rt.amp, self.device)
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        self.data = load_data(cfg, rt.data_root)
+        cuda = self.device.type == "cuda"
+        self._seed_everything(cfg.seed)
+        model = build_model(
+            cfg.model,
+            num_classes=self.data.num_classes,
+            image_size=self.data.image_size,
+            in_channels=self.data.channels,
+            **cfg.model_args,
+        ).to(self.device)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.forward: Callable[[Tensor], Tensor] = torch.compile(model) if rt.compile else model
+        self.optimizer = create(cfg.optimizer, model.parameters(), **cfg.optimizer_kwargs())
+        self.sam = isinstance(self.optimizer, SAM)
+        self.train_batches: DeviceLoader = train_loader(
+            self.data,
+            cfg.batch_size,
+            device=self.device,
+            seed=cfg.seed,
+            augment=cfg.augment,
+            padding=cfg.crop_padding,
+            flip=cfg.flip,
+            channels_last=cuda,
+        )
+        self.test_batches = eval_loader(
+            self.data, cfg.eval_batch_size, device=self.device, channels_last=cuda
+        )
+        steps_per_epoch = len(self.train_batches)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, steps_per_epoch)
+        )
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
+        )
+        self.progress = Progress()
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        import random
+
+        random.seed(seed)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config_digest": self.cfg.digest(),
+            "config": self.cfg.to_dict(),
+            "epoch": p.epoch,
+            "batch": p.batch,
+            "records": p.records,
+            "sums": p.sums,
+            "epoch_train_seconds": p.epoch_train_seconds,
+            "epoch_lr": p.epoch_lr,
+            "wandb_run_id": p.wandb_run_id,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save(self.rt.checkpoint_path, self.state())
+
+    def try_resume(self) -> bool:
+        """Load the checkpoint if there is one for this configuration."""
+        path = self.rt.checkpoint_path
+        if not path.exists():
+            return False
+        state = checkpoint.load(path, map_location=self.device)
+        if (
+            state.get("format") != CHECKPOINT_FORMAT
+            or state.get("config_digest") != self.cfg.digest()
+        ):
+            print(f"ignoring {path}: it belongs to another configuration", file=sys.stderr)
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.progress = Progress(
+            epoch=state["epoch"],
+            batch=state["batch"],
+            records=list(state["records"]),
+            sums=list(state["sums"]),
+            epoch_train_seconds=state["epoch_train_seconds"],
+            epoch_lr=state["epoch_lr"],
+            wandb_run_id=state["wandb_run_id"],
+        )
+        return True
+
+    # --- one step, one epoch -----------------------------------------------------------
+
+    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with self.autocast():
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        return loss, logits
+
+    def _backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimizer step; returns (loss at w, number correct), both on the device."""
+        loss, logits = self._loss(x, y)
+        self._backward(loss)
+        if self.sam:
+            assert isinstance(self.optimizer, SAM)
+            self.optimizer.first_step(zero_grad=True, grad_scaler=self.scaler)
+            with disable_running_stats(self.model):
+                self._backward(self._loss(x, y)[0])
+            self.optimizer.second_step(zero_grad=True, grad_scaler=self.scaler)
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss.detach().float(), (logits.argmax(dim=1) == y).sum()
+
+    def train_epoch(self, stop: StopSignals, bar: Any) -> None:
+        """Train from ``progress.batch`` to the end of epoch ``progress.epoch``."""
+        p = self.progress
+        self.model.train()
+        loader = self.train_batches
+        loader.set_epoch(p.epoch)
+        # the sums stay on the device; a host sync only every `sync_every` steps
+        sums = torch.tensor(p.sums, dtype=torch.float64, device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        sync_every = 1 if self.device.type == "cpu" else 50
+        started = time.perf_counter()
+        for index, (x, y) in enumerate(loader.batches(start=p.batch), start=p.batch):
+            loss, correct = self.step(x, y)
+            n = float(len(y))
+            sums += torch.stack([loss.double() * n, correct.double(), sums.new_tensor(n)])
+            bad = ~torch.isfinite(loss)
+            first_bad = torch.where(bad & (first_bad < 0), index, first_bad)
+            p.batch = index + 1
+            last = p.batch == len(loader)
+            if last or p.batch % sync_every == 0 or stop.received is not None:
+                at = int(first_bad)
+                if at >= 0:
+                    raise NonFiniteLossError(
+                        f"non-finite training loss at epoch {p.epoch + 1}, step {at + 1} of "
+                        f"{len(loader)}; the last good checkpoint is kept at "
+                        f"{self.rt.checkpoint_path}"
+                    )
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if stop.received is not None and not last:
+                p.sums = sums.tolist()
+                p.epoch_train_seconds += time.perf_counter() - started
+                self.save_checkpoint()
+                raise PreemptedError(stop.received, self.rt.checkpoint_path)
+        p.sums = sums.tolist()
+        p.epoch_train_seconds += time.perf_counter() - started
+
+    def finish_epoch(self) -> dict[str, Any]:
+        """Evaluate, record the epoch, reset the running sums."""
+        p = self.progress
+        lr = p.epoch_lr
+        loss_sum, correct, n = p.sums
+        test = evaluate(self.forward, self.test_batches, self.autocast)  # type: ignore[arg-type]
+        record = {
+            "epoch": p.epoch + 1,
+            "train_loss": loss_sum / n,
+            "train_acc": correct / n,
+            "test_loss": test.loss,
+            "test_acc": test.accuracy,
+            "lr": lr,
+            "epoch_seconds": p.epoch_train_seconds,
+            "images_per_second": n / max(p.epoch_train_seconds, 1e-9),
+        }
+        p.records.append(record)
+        p.epoch, p.batch, p.sums, p.epoch_train_seconds = p.epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
+        p.epoch_lr = None
+        return record
+
+
+def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, Any]:
+    """The summary written last: configuration, final and best metrics, provenance."""
+    records = trainer.progress.records
+    final = records[-1]
+    best = max(records, key=lambda r: r["test_acc"])
+    return {
+        "config": cfg.to_dict(),
+        "config_digest": cfg.digest(),
+        "final": {k: v for k, v in final.items() if k not in ("epoch_seconds",)},
+        "best": {"test_acc": best["test_acc"], "epoch": best["epoch"]},
+        "train_seconds": sum(r["epoch_seconds"] for r in records),
+        "images_per_second": float(np.median([r["images_per_second"] for r in records])),
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "device": str(trainer.device),
+        "device_name": torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
+        "amp": str(trainer.autocast_dtype).replace("torch.", "")
+        if trainer.autocast_dtype
+        else "none",
+        "compile": rt.compile,
+        "versions": {"zsharp": __version__, "torch": torch.__version__},
+        "wandb_run_id": trainer.progress.wandb_run_id,
+    }
+
+
+def _progress_bar(rt: Runtime, total: int, epoch: int, epochs: int) -> Any:
+    show = rt.progress == "bar" or (rt.progress == "auto" and sys.stderr.isatty())
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
+
+
+def train_cell(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
+    """Train (or resume) one cell; write metrics, weights and summary to ``rt.out``."""
+    rt.validate()
+    trainer = CellTrainer(cfg, rt)
+    rt.out.mkdir(parents=True, exist_ok=True)
+    resumed = trainer.try_resume()
+    p = trainer.progress
+    group, name = f"{cfg.dataset}-{cfg.model}", f"{cfg.optimizer}-seed{cfg.seed}"
+    tracker = Tracker(
+        mode=rt.wandb_mode,
+        project=rt.wandb_project,
+        entity=rt.wandb_entity,
+        directory=rt.wandb_dir or rt.out,
+        group=group,
+        name=name,
+        job_type="train",
+        config={
+            **cfg.to_dict(),
+            "device": str(trainer.device),
+            "amp": rt.amp,
+            "compile": rt.compile,
+            "zsharp": __version__,
+        },
+        run_id=p.wandb_run_id,
+    )
+    p.wandb_run_id = tracker.run_id
+    log = _log_line(rt)
+    if resumed:
+        log(f"resuming {group}/{name} at epoch {p.epoch + 1}, batch {p.batch}")
+    exit_code = 1
+    try:
+        with StopSignals() as stop:
+            while p.epoch < cfg.epochs:
+                if p.epoch_lr is None:
+                    p.epoch_lr = trainer.optimizer.param_groups[0]["lr"]
+                bar = _progress_bar(rt, len(trainer.train_batches), p.epoch + 1, cfg.epochs)
+                try:
+                    trainer.train_epoch(stop, bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                record = trainer.finish_epoch()
+                checkpoint.write_jsonl(rt.out / "metrics.jsonl", p.records)
+                trainer.save_checkpoint()
+                tracker.log(
+                    {k: v for k, v in record.items() if k != "epoch"} | {"epoch": record["epoch"]},
+                    step=record["epoch"],
+                )
+                log(
+                    f"epoch {record['epoch']}/{cfg.epochs} train_loss {record['train_loss']:.4f} "
+                    f"train_acc {record['train_acc']:.4f} test_loss {record['test_loss']:.4f} "
+                    f"test_acc {record['test_acc']:.4f} lr {record['lr']:.4g} "
+                    f"{record['epoch_seconds']:.1f}s {record['images_per_second']:.0f} img/s"
+                )
+                if stop.received is not None:
+                    raise PreemptedError(stop.received, rt.checkpoint_path)
+        checkpoint.write_jsonl(rt.out / "metrics.jsonl", p.records)
+        checkpoint.save(rt.out / "model.pt", trainer.model.state_dict())
+        summary = summarize(cfg, rt, trainer)
+        checkpoint.write_json(rt.out / "summary.json", summary)
+        tracker.summary(
+            {"final_" + k: v for k, v in summary["final"].items()}
+            | {"best_test_acc": summary["best"]["test_acc"]}
+        )
+        rt.checkpoint_path.unlink(missing_ok=True)
+        exit_code = 0
+        return summary
+    finally:
+        tracker.finish(exit_code=exit_code)
+
+
+def _log_line(rt: Runtime) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        print(f"[{rt.out}] {message}", file=sys.stderr, flush=True)
+
+    return log
