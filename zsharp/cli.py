@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     run.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto")
+    run.add_argument(
+        "--record-failure",
+        action="store_true",
+        help="on a training failure (e.g. a non-finite loss) write a summary with status "
+        "'failed' and exit 0, so a workflow can tabulate it (used by the Snakemake rules)",
+    )
     _add_wandb_arguments(train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained cell")
@@ -127,11 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--hessian-iterations", type=int, default=20)
     evaluate.add_argument("--ece-bins", type=int, default=15)
     _add_wandb_arguments(evaluate)
+
+    aggregate = commands.add_parser("aggregate", help="tabulate and plot finished cells")
+    aggregate.add_argument("cells", nargs="+", type=Path, help="cell directories")
+    aggregate.add_argument("--out", type=Path, required=True)
+    aggregate.add_argument("--baseline", default="sam", help="optimizer entry compared against")
+    aggregate.add_argument("--candidates", nargs="*", default=[], help="entries compared")
+    aggregate.add_argument("--experiment", default="zsharp", help="the W&B group")
+    _add_wandb_arguments(aggregate)
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
-    from zsharp.train import train_cell
+    from zsharp.data import DatasetError
+    from zsharp.train import PreemptedError, record_failure, train_cell
 
     overrides = {
         f.name: getattr(args, f.name)
@@ -156,7 +171,19 @@ def _train(args: argparse.Namespace) -> int:
         wandb_entity=args.wandb_entity,
         wandb_dir=args.wandb_dir,
     )
-    summary = train_cell(cfg, rt)
+    try:
+        summary = train_cell(cfg, rt)
+    except (PreemptedError, ConfigError, DatasetError, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        if not args.record_failure:
+            raise
+        record_failure(cfg, args.out, error)
+        print(
+            f"zsharp train: recorded a failure in {args.out / 'summary.json'}: {error}",
+            file=sys.stderr,
+        )
+        return 0
     final = summary["final"]
     print(
         f"{args.out}: test_acc {final['test_acc']:.4f} test_loss {final['test_loss']:.4f} "
@@ -190,6 +217,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             wandb_dir=args.wandb_dir,
         ),
     )
+    if result["status"] != "ok":
+        print(f"{args.cell}: {result['status']}: {result['reason']}")
+        return 0
     print(
         f"{args.cell}: test_acc {result['test_acc']:.4f} ece {result['ece']:.4f} "
         f"sharpness {result['sharpness']:.4g}"
@@ -197,7 +227,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "download": _download, "evaluate": _evaluate}
+def _aggregate(args: argparse.Namespace) -> int:
+    from zsharp.aggregate import aggregate
+    from zsharp.tracking import Tracker
+
+    missing = [str(c) for c in args.cells if not c.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"not a cell directory: {missing[0]}")
+    frames = aggregate(args.cells, args.out, args.baseline, args.candidates)
+    tracker = Tracker(
+        mode=args.wandb_mode,
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        directory=args.wandb_dir or args.out,
+        group=args.experiment,
+        name="aggregate",
+        job_type="aggregate",
+        config={"baseline": args.baseline, "candidates": args.candidates, "cells": len(args.cells)},
+    )
+    for key in ("table", "comparison"):
+        frame = frames[key].astype(object).where(frames[key].notna(), None)
+        tracker.log_table(key, list(frame.columns), frame.to_numpy().tolist())
+    tracker.finish()
+    table = frames["table"]
+    print(f"{args.out}: {len(table)} cells, {int(table['failed'].sum())} failed seeds")
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "download": _download,
+    "evaluate": _evaluate,
+    "aggregate": _aggregate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,13 +11,20 @@ for the image datasets and a short, quick one for the embedded digits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zsharp.optim import OPTIMIZERS
+from zsharp.catalog import (
+    DATASET_SHAPES,
+    MODEL_OPTIONS,
+    OPTIMIZERS,
+    is_model,
+    optimizer_arguments,
+)
 
 SCHEDULES = ("cosine", "paper", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -73,16 +80,19 @@ class CellConfig:
     model_args: dict[str, Any] = field(default_factory=dict)  # patch_size, dropout, …
     eval_batch_size: int = 1000
 
-    def validate(self) -> CellConfig:
-        """Raise :class:`ConfigError` naming the first bad key; return self."""
-        from zsharp.data import DATASETS
-        from zsharp.models import MODEL_NAMES
+    def validate(self, deep: bool = True) -> CellConfig:
+        """Raise :class:`ConfigError` naming the first bad key; return self.
 
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"dataset: unknown {self.dataset!r}; choose one of {list(DATASETS)}")
-        if self.model not in MODEL_NAMES and not self.model.startswith("timm:"):
+        ``deep`` also builds the optimizer (on one scalar) and the model (on the meta
+        device), which needs PyTorch; without it the checks use ``zsharp.catalog`` only.
+        """
+        if self.dataset not in DATASET_SHAPES:
             raise ConfigError(
-                f"model: unknown {self.model!r}; choose one of {list(MODEL_NAMES)} or timm:NAME"
+                f"dataset: unknown {self.dataset!r}; choose one of {list(DATASET_SHAPES)}"
+            )
+        if not is_model(self.model):
+            raise ConfigError(
+                f"model: unknown {self.model!r}; choose one of {list(MODEL_OPTIONS)} or timm:NAME"
             )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
@@ -108,32 +118,49 @@ class CellConfig:
         for key in ("opt_args", "model_args"):
             if not isinstance(getattr(self, key), dict):
                 raise ConfigError(f"{key}: must be a mapping, got {getattr(self, key)!r}")
-        self._check_buildable()
+        self._check_names()
+        if deep:
+            self._check_buildable()
         return self
+
+    def _check_names(self) -> None:
+        """The optimizer's and the model's arguments by name (no PyTorch needed)."""
+        accepted = optimizer_arguments(self.optimizer, self.base)
+        for key in self.opt_args:
+            if key not in accepted:
+                raise ConfigError(
+                    f"opt_args: unknown argument {key!r} for {self.optimizer} "
+                    f"(it takes {sorted(accepted - {'base', 'lr', 'weight_decay'})})"
+                )
+        if self.model in MODEL_OPTIONS:
+            for key in self.model_args:
+                if key not in MODEL_OPTIONS[self.model]:
+                    raise ConfigError(
+                        f"model_args: option {key!r} does not apply to model {self.model!r} "
+                        f"(its options: {sorted(MODEL_OPTIONS[self.model]) or 'none'})"
+                    )
+        patch = self.model_args.get("patch_size")
+        size = DATASET_SHAPES[self.dataset][0]
+        if (
+            self.model == "vit"
+            and patch is not None
+            and (not isinstance(patch, int) or patch < 1 or size % patch)
+        ):
+            raise ConfigError(
+                f"model_args: patch_size={patch!r} must be a positive integer that divides "
+                f"the image size {size} of {self.dataset}"
+            )
 
     def _check_buildable(self) -> None:
         """Build the optimizer on one scalar and the model on the meta device (no memory,
         no compute), so a bad optimizer or model argument fails before any work starts."""
-        import torch
-
-        from zsharp.data import DATASETS
-        from zsharp.models import build_model
-        from zsharp.optim import create
-
+        size, channels, _ = DATASET_SHAPES[self.dataset]
         try:
-            create(self.optimizer, [torch.nn.Parameter(torch.zeros(1))], **self.optimizer_kwargs())
+            _check_optimizer(self.optimizer, _frozen(self.optimizer_kwargs()))
         except (ValueError, TypeError) as error:
             raise ConfigError(f"opt_args: {error}") from None
-        spec = DATASETS[self.dataset]
         try:
-            with torch.device("meta"):
-                build_model(
-                    self.model,
-                    num_classes=spec.num_classes,
-                    image_size=spec.image_size,
-                    in_channels=spec.channels,
-                    **self.model_args,
-                )
+            _check_model(self.model, size, channels, _frozen(self.model_args))
         except (ValueError, TypeError) as error:
             raise ConfigError(f"model_args: {error}") from None
 
@@ -206,19 +233,50 @@ class Runtime:
         return self.checkpoint if self.checkpoint is not None else self.out / "checkpoint.pt"
 
 
+def _frozen(mapping: dict[str, Any]) -> str:
+    """A hashable, canonical form of a settings mapping (for the caches below)."""
+    return json.dumps(mapping, sort_keys=True, default=repr)
+
+
+@functools.cache
+def _check_optimizer(name: str, frozen_kwargs: str) -> None:
+    import torch
+
+    from zsharp.optim import create
+
+    kwargs = json.loads(frozen_kwargs)
+    if isinstance(kwargs.get("betas"), list):
+        kwargs["betas"] = tuple(kwargs["betas"])
+    create(name, [torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+@functools.cache
+def _check_model(name: str, image_size: int, channels: int, frozen_options: str) -> None:
+    # the class count cannot make a model invalid: one build serves every dataset of a size
+    import torch
+
+    from zsharp.models import build_model
+
+    with torch.device("meta"):
+        build_model(name, 10, image_size, channels, **json.loads(frozen_options))
+
+
 def _check_int(key: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
 
 
-def cell_config(dataset: str, model: str, optimizer: str, **overrides: Any) -> CellConfig:
+def cell_config(
+    dataset: str, model: str, optimizer: str, *, deep: bool = True, **overrides: Any
+) -> CellConfig:
     """A validated CellConfig: dataclass defaults, then the dataset's, then ``overrides``."""
     known = {f.name for f in fields(CellConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown setting; known: {sorted(known)}")
     values = {**DATASET_DEFAULTS.get(dataset, {}), **overrides}
-    return CellConfig(dataset=dataset, model=model, optimizer=optimizer, **values).validate()
+    cfg = CellConfig(dataset=dataset, model=model, optimizer=optimizer, **values)
+    return cfg.validate(deep=deep)
 
 
 def from_dict(data: dict[str, Any]) -> CellConfig:

@@ -58,6 +58,10 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     """Evaluate the cell in ``cell`` and write ``cell/eval.json``."""
     started = time.perf_counter()
     summary = read_summary(cell)
+    if summary.get("status") == "failed":  # nothing to evaluate; the table shows FAILED
+        result = {"status": "skipped", "reason": f"training failed: {summary.get('error')}"}
+        checkpoint.write_json(cell / "eval.json", result)
+        return result
     cfg = from_dict(summary["config"])
     device = select_device(options.device)
     data = load_data(cfg, options.data_root)
@@ -89,6 +93,7 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
         tolerance=options.hessian_tolerance,
     )
     result = {
+        "status": "ok",
         "test_acc": test.accuracy,
         "test_loss": test.loss,
         "ece": ece,

@@ -20,6 +20,9 @@ the last good checkpoint and writing no summary.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
 import signal
 import sys
 import time
@@ -355,7 +358,34 @@ def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, A
         "compile": rt.compile,
         "versions": {"zsharp": __version__, "torch": torch.__version__},
         "wandb_run_id": trainer.progress.wandb_run_id,
+        # where it ran: the scheduler's job and the devices it was given
+        "host": platform.node(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+def record_failure(cfg: CellConfig, out: Path, error: BaseException) -> None:
+    """Write a ``failed`` summary (and keep a log of failures) for a workflow's table."""
+    out.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with (out / "failures.jsonl").open("a") as handle:  # append-only history
+        handle.write(json.dumps(entry) + "\n")
+    if not (out / "metrics.jsonl").exists():
+        checkpoint.write_jsonl(out / "metrics.jsonl", [])
+    checkpoint.write_json(
+        out / "summary.json",
+        {
+            **entry,
+            "config": cfg.to_dict(),
+            "config_digest": cfg.digest(),
+            "versions": {"zsharp": __version__, "torch": torch.__version__},
+        },
+    )
 
 
 def _progress_bar(rt: Runtime, total: int, epoch: int, epochs: int) -> Any:

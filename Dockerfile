@@ -1,0 +1,37 @@
+# zsharp on a CUDA PyTorch image: the library, the command line, the Snakemake workflow and
+# its SLURM executor plugin. The default command runs the workflow in /work.
+#
+#   docker build -t zsharp .
+#   docker run --gpus all --rm -v "$PWD/work:/work" -e WANDB_API_KEY zsharp \
+#       snakemake -s /opt/zsharp/Snakefile --cores all --resources gpu=1
+#
+# BASE_IMAGE must provide Python ≥ 3.10 with torch ≥ 2.4 and torchvision (pip keeps them).
+ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MPLBACKEND=Agg
+
+WORKDIR /opt/zsharp
+COPY pyproject.toml README.md Snakefile ./
+COPY zsharp ./zsharp
+COPY workflow ./workflow
+COPY config ./config
+# The project itself: its dependency ranges live in pyproject.toml (the base image's torch
+# satisfies torch>=2.4), so there is no version to pin here.
+# hadolint ignore=DL3013
+RUN python -m pip install --no-cache-dir ".[workflow]" \
+    && python -c "import torch, zsharp.optim; print('torch', torch.__version__)"
+
+# Run as an ordinary user; /work holds data/, results/, logs/ and Snakemake's .snakemake/
+RUN useradd --create-home --uid 1000 --shell /bin/bash zsharp \
+    && mkdir -p /work \
+    && chown zsharp:zsharp /work
+USER 1000:1000
+WORKDIR /work
+ENV WANDB_DIR=/work/results
+
+CMD ["snakemake", "-s", "/opt/zsharp/Snakefile", "--cores", "all"]

@@ -1,0 +1,62 @@
+# The table, the paired comparison, the plots, and an aggregate W&B run. A cell whose
+# training failed is recorded by its job (status "failed") and shows as FAILED here.
+
+rule aggregate:
+    input:
+        summaries=[f"{cell}/summary.json" for cell in ALL_CELLS],
+        evaluations=[f"{cell}/eval.json" for cell in ALL_CELLS],
+    output:
+        table=report(
+            f"{EXP}/results.csv",
+            caption="../report/results.rst",
+            category="Results",
+            labels={"table": "per cell"},
+        ),
+        markdown=f"{EXP}/results.md",
+        comparison=report(
+            f"{EXP}/comparison.csv",
+            caption="../report/comparison.rst",
+            category="Results",
+            labels={"table": "paired comparison"},
+        ),
+        final=report(
+            f"{EXP}/plots/final_accuracy.png",
+            caption="../report/final_accuracy.rst",
+            category="Plots",
+            labels={"plot": "final accuracy"},
+        ),
+        sharpness=report(
+            f"{EXP}/plots/accuracy_vs_sharpness.png",
+            caption="../report/accuracy_vs_sharpness.rst",
+            category="Plots",
+            labels={"plot": "accuracy vs sharpness"},
+        ),
+        curves=[
+            report(
+                f"{EXP}/plots/curves_{d}_{m}.png",
+                caption="../report/curves.rst",
+                category="Curves",
+                labels={"dataset": d, "model": m},
+            )
+            for d, m in DATASET_MODELS
+        ],
+    log:
+        f"{LOGS}/aggregate.log",
+    benchmark:
+        f"{EXP}/benchmarks/aggregate.tsv"
+    params:
+        cells=lambda wildcards, input: shlex.join(str(Path(s).parent) for s in input.summaries),
+        out=lambda wildcards, output: Path(output.table).parent,
+        compare=compare_args(),
+        wandb=wandb_args(),
+        experiment=C["experiment"],
+    localrule: True
+    container:
+        CONTAINER
+    shell:
+        "zsharp aggregate {params.cells} --out {params.out} {params.compare} "
+        "--experiment {params.experiment} {params.wandb} > {log} 2>&1"
+
+
+onsuccess:
+    report_failures()

@@ -1,0 +1,113 @@
+# The config, its validation, and the grid of cells.
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from zsharp.grid import GridError, load_grid, train_arguments
+
+
+# `configfile:` would merge a --configfile into the default one (grids would add up), so
+# the default is loaded only when no config was given.
+if not config:
+    with open(Path(workflow.basedir) / "config" / "config.yaml") as handle:
+        config.update(yaml.safe_load(handle))
+
+try:
+    GRID = load_grid(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+except GridError as error:
+    raise WorkflowError(f"invalid config: {error}") from None
+
+C = GRID.config  # the config with the schema's defaults filled in
+EXP = str(GRID.experiment_dir)  # results/<experiment>
+DATA = C["data_root"]
+LOGS = f"logs/{C['experiment']}"
+CELL = "{dataset}/{model}/{label}/seed{seed}"
+
+
+def _alternatives(names):
+    return "|".join(re.escape(str(n)) for n in names)
+
+
+wildcard_constraints:
+    dataset=_alternatives(C["datasets"]),
+    model=_alternatives(C["models"]),
+    label=_alternatives(C["optimizers"]),
+    seed=r"\d+",
+
+
+def cell_of(wildcards):
+    return GRID.cell(wildcards.dataset, wildcards.model, wildcards.label, wildcards.seed)
+
+
+def cell_dir(wildcards):
+    return f"{EXP}/cells/{cell_of(wildcards).key}"
+
+
+def failures_so_far(wildcards):
+    """How many failures the cell has recorded: a new one makes the next run retry it."""
+    path = Path(cell_dir(wildcards)) / "failures.jsonl"
+    return sum(1 for _ in path.open()) if path.exists() else 0
+
+
+def resource(rule, key, default):
+    return (C["resources"].get(rule) or {}).get(key, default)
+
+
+def wandb_args():
+    w = C["wandb"]
+    args = ["--wandb-mode", w["mode"], "--wandb-project", w["project"]]
+    if w.get("entity"):
+        args += ["--wandb-entity", w["entity"]]
+    return shlex.join(args)
+
+
+ALL_CELLS = [f"{EXP}/cells/{cell.key}" for cell in GRID.cells]
+# every job runs in this image under --sdm apptainer (or docker via Snakemake's support)
+CONTAINER = C["container"]
+
+
+def download_source(wildcards):
+    source = (C["datasets"][wildcards.dataset] or {}).get("source")
+    return f"--source {shlex.quote(source)}" if source else ""
+
+
+DATASET_MODELS = [(d, m) for d in C["datasets"] for m in C["models"]]
+AGGREGATE_OUTPUTS = [
+    f"{EXP}/results.csv",
+    f"{EXP}/results.md",
+    f"{EXP}/comparison.csv",
+    f"{EXP}/plots/final_accuracy.png",
+    f"{EXP}/plots/accuracy_vs_sharpness.png",
+    *[f"{EXP}/plots/curves_{d}_{m}.png" for d, m in DATASET_MODELS],
+]
+
+
+def compare_args():
+    compare = C["compare"]
+    baseline = compare.get("baseline", "sam")
+    candidates = compare.get("candidates")
+    if candidates is None:  # default: every ZSharp entry against the baseline
+        candidates = [
+            label for label, entry in C["optimizers"].items()
+            if (entry or {}).get("optimizer", label).startswith("zsharp")
+        ]
+    return shlex.join(["--baseline", baseline, "--candidates", *candidates])
+
+
+
+def report_failures():
+    """After the run: list the cells whose training failed (they show as FAILED)."""
+    failed = []
+    for cell in ALL_CELLS:
+        path = Path(cell) / "summary.json"
+        if path.exists() and json.loads(path.read_text()).get("status") == "failed":
+            failed.append(cell)
+    if failed:
+        print(
+            f"zsharp: {len(failed)} cell(s) failed and show as FAILED in {EXP}/results.md; "
+            "running snakemake again retries them:\n  " + "\n  ".join(failed)
+        )

@@ -1,0 +1,38 @@
+# Test accuracy and loss, calibration (ECE) and sharpness (top Hessian eigenvalue) of
+# every trained cell.
+
+
+rule evaluate:
+    input:
+        summary=f"{EXP}/cells/{CELL}/summary.json",
+        data=ancient(f"{DATA}/{{dataset}}/READY"),
+    output:
+        f"{EXP}/cells/{CELL}/eval.json",
+    log:
+        f"{LOGS}/evaluate/{CELL}.log",
+    benchmark:
+        f"{EXP}/benchmarks/evaluate/{CELL}.tsv"
+    params:
+        cell=lambda wildcards, input: Path(input.summary).parent,
+        data=lambda wildcards, input: Path(input.data).parent.parent,
+        options=shlex.join(
+            [
+                "--hessian-samples", str(C["evaluate"]["hessian_samples"]),
+                "--hessian-iterations", str(C["evaluate"]["hessian_iterations"]),
+                "--ece-bins", str(C["evaluate"]["ece_bins"]),
+                "--device", C["runtime"]["device"],
+            ]
+        ),
+        wandb=wandb_args(),
+    threads: resource("evaluate", "threads", 1)
+    resources:
+        gpu=resource("evaluate", "gpu", 1),
+        runtime=resource("evaluate", "runtime", 60),
+        mem_mb=resource("evaluate", "mem_mb", 8000),
+    retries: 2
+    container:
+        CONTAINER
+    shell:
+        "zsharp-device {resources.gpu} -- "
+        "zsharp evaluate --cell {params.cell} --data-root {params.data} {params.options} "
+        "{params.wandb} > {log} 2>&1"
