@@ -39,8 +39,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         (work / "Snakefile").write_text('rule a:\n    output: "x"\n    shell: "touch x"\n')
-        paper = [snakemake, "-s", str(REPO / "Snakefile"), "-d", str(work / "paper"), "-n",
-                 "-q", "--configfile", str(REPO / "config" / "paper.yaml")]
+        paper = [
+            snakemake,
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(work / "paper"),
+            "-n",
+            "-q",
+            "--configfile",
+            str(REPO / "config" / "paper.yaml"),
+        ]
         trivial = [snakemake, "-n", "-q", "--cores", "1"]
         timed(paper, work)  # warm the file cache
         samples: dict[str, list[float]] = {"paper": [], "trivial": []}
@@ -48,11 +57,21 @@ def main() -> None:
             samples["paper"].append(timed(paper, work))
             samples["trivial"].append(timed(trivial, work))
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"paper grid dry run: {medians['paper']:.2f} s (median of {args.repeats}); "
-          f"one-rule Snakefile: {medians['trivial']:.2f} s; "
-          f"the grid's own cost: {medians['paper'] - medians['trivial']:.2f} s")
-    write_json(args.out, {"benchmark": "dry_run", "machine": machine(), "cells": 360,
-                          "seconds": samples, "median_seconds": medians})
+    print(
+        f"paper grid dry run: {medians['paper']:.2f} s (median of {args.repeats}); "
+        f"one-rule Snakefile: {medians['trivial']:.2f} s; "
+        f"the grid's own cost: {medians['paper'] - medians['trivial']:.2f} s"
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "dry_run",
+            "machine": machine(),
+            "cells": 360,
+            "seconds": samples,
+            "median_seconds": medians,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -48,8 +47,9 @@ def test_concurrent_jobs_never_share_a_device(tmp_path: Path) -> None:
     env = environment(ZSHARP_GPUS="3", ZSHARP_GPU_LOCK_DIR=str(tmp_path / "locks"))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     processes = [
-        subprocess.Popen([DEVICE, "1", "--", sys.executable, str(script), str(i), "0.6",
-                          str(log), "ok"], env=env)
+        subprocess.Popen(
+            [DEVICE, "1", "--", sys.executable, str(script), str(i), "0.6", str(log), "ok"], env=env
+        )
         for i in range(7)
     ]
     assert all(p.wait(timeout=120) == 0 for p in processes)
@@ -64,11 +64,17 @@ def test_a_crashed_job_frees_its_device(tmp_path: Path) -> None:
     script.write_text(JOB)
     env = environment(ZSHARP_GPUS="1", ZSHARP_GPU_LOCK_DIR=str(tmp_path / "locks"))
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    crashed = subprocess.run([DEVICE, "1", "--", sys.executable, str(script), "a", "0", str(log),
-                              "crash"], env=env, timeout=60)
+    crashed = subprocess.run(
+        [DEVICE, "1", "--", sys.executable, str(script), "a", "0", str(log), "crash"],
+        env=env,
+        timeout=60,
+    )
     assert crashed.returncode == -9  # SIGKILL, with the device's lock held
-    after = subprocess.run([DEVICE, "1", "--", sys.executable, str(script), "b", "0", str(log),
-                            "ok"], env=env, timeout=30)
+    after = subprocess.run(
+        [DEVICE, "1", "--", sys.executable, str(script), "b", "0", str(log), "ok"],
+        env=env,
+        timeout=30,
+    )
     assert after.returncode == 0
     assert [j["devices"] for j in records(log)] == ["0", "0"]
 
@@ -76,11 +82,23 @@ def test_a_crashed_job_frees_its_device(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("visible", "expected"), [("3", "3"), ("", "")])
 def test_scheduler_assigned_devices_are_left_alone(visible, expected, tmp_path: Path) -> None:
     """Under SLURM (CUDA_VISIBLE_DEVICES already holds the allocation) nothing changes."""
-    env = environment(ZSHARP_GPUS="4", ZSHARP_GPU_LOCK_DIR=str(tmp_path / "locks"),
-                      CUDA_VISIBLE_DEVICES=visible)
-    out = subprocess.run([DEVICE, "1", "--", sys.executable, "-c",
-                          "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"],
-                         env=env, capture_output=True, text=True, timeout=30)
+    env = environment(
+        ZSHARP_GPUS="4", ZSHARP_GPU_LOCK_DIR=str(tmp_path / "locks"), CUDA_VISIBLE_DEVICES=visible
+    )
+    out = subprocess.run(
+        [
+            DEVICE,
+            "1",
+            "--",
+            sys.executable,
+            "-c",
+            "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.stdout.strip() == expected
     assert not (tmp_path / "locks").exists()
 
@@ -89,17 +107,29 @@ def test_no_gpu_or_zero_requested_runs_unchanged(tmp_path: Path) -> None:
     env = environment(ZSHARP_GPUS="0", ZSHARP_GPU_LOCK_DIR=str(tmp_path / "locks"))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     for wanted in ("0", "1"):
-        out = subprocess.run([DEVICE, wanted, "--", sys.executable, "-c",
-                              "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"],
-                             env=env, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                DEVICE,
+                wanted,
+                "--",
+                sys.executable,
+                "-c",
+                "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.stdout.strip() == "None"
 
 
 def test_asking_for_more_gpus_than_exist_fails_clearly(tmp_path: Path) -> None:
     env = environment(ZSHARP_GPUS="2", ZSHARP_GPU_LOCK_DIR=str(tmp_path / "locks"))
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    out = subprocess.run([DEVICE, "3", "--", "true"], env=env, capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(
+        [DEVICE, "3", "--", "true"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2 and "gpu: 3 GPUs requested" in out.stderr
 
 
@@ -111,7 +141,9 @@ SNAKEFILE = textwrap.dedent("""
         output: "done/{i}"
         resources: gpu=1
         params: crash=lambda wc: "crash" if wc.i == "1" else "ok"
-        shell: "{DEVICE} {resources.gpu} -- {PYTHON} {SCRIPT} {wildcards.i} 1.0 {LOG} {params.crash}; touch {output}"
+        shell:
+            "{DEVICE} {resources.gpu} -- {PYTHON} {SCRIPT} {wildcards.i} 1.0 {LOG} "
+            "{params.crash}; touch {output}"
 """)
 
 
@@ -120,14 +152,27 @@ def test_snakemake_resources_gpu_n_gives_each_job_its_own_device(tmp_path: Path)
     script, log = tmp_path / "job.py", tmp_path / "jobs.jsonl"
     script.write_text(JOB)
     (tmp_path / "Snakefile").write_text(
-        SNAKEFILE.replace("{DEVICE}", DEVICE).replace("{PYTHON}", sys.executable)
-        .replace("{SCRIPT}", str(script)).replace("{LOG}", str(log))
+        SNAKEFILE.replace("{DEVICE}", DEVICE)
+        .replace("{PYTHON}", sys.executable)
+        .replace("{SCRIPT}", str(script))
+        .replace("{LOG}", str(log))
     )
     env = environment(ZSHARP_GPUS="2", ZSHARP_GPU_LOCK_DIR=str(tmp_path / "locks"))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "--cores", "4", "--resources", "gpu=2",
-         "--keep-going"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(Path(sys.executable).parent / "snakemake"),
+            "--cores",
+            "4",
+            "--resources",
+            "gpu=2",
+            "--keep-going",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     jobs = records(log)
     assert len(jobs) == 6, result.stdout + result.stderr
@@ -136,4 +181,4 @@ def test_snakemake_resources_gpu_n_gives_each_job_its_own_device(tmp_path: Path)
     # the crashed job (1) failed; every other one finished, on the devices it freed too
     assert result.returncode != 0
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["0", "2", "3", "4", "5"]
-    assert os.path.exists(tmp_path / "locks")
+    assert (tmp_path / "locks").exists()

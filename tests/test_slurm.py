@@ -17,7 +17,14 @@ import pytest
 import torch
 
 from tests.slurm_cluster import ensure_cluster, job_ids_in, requeue_now
-from tests.workflow_helpers import REPO, SNAKEFILE, environment, snakemake, tiny_config, write_config
+from tests.workflow_helpers import (
+    REPO,
+    SNAKEFILE,
+    environment,
+    snakemake,
+    tiny_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 EXP = Path("results/tiny")
@@ -26,7 +33,7 @@ SLURM = [
     "--profile", str(REPO / "workflow/profiles/slurm"),
     "--slurm-init-seconds-before-status-checks", "2",
     "--default-resources", "slurm_partition=debug", "runtime=10", "mem_mb=1000",
-    "--latency-wait", "5",
+    "--latency-wait", "5", "--slurm-keep-successful-logs",
 ]  # fmt: skip
 
 
@@ -39,8 +46,10 @@ def cluster() -> None:
 
 def slurm_config(**changes) -> dict:
     config = tiny_config(**changes)
-    config["resources"] = {"train": {"threads": 1, "gpu": 1, "mem_mb": 1000},
-                           "evaluate": {"threads": 1, "gpu": 0, "mem_mb": 1000}}
+    config["resources"] = {
+        "train": {"threads": 1, "gpu": 1, "mem_mb": 1000},
+        "evaluate": {"threads": 1, "gpu": 0, "mem_mb": 1000},
+    }
     return config
 
 
@@ -87,8 +96,9 @@ def test_grid_through_sbatch_equals_a_local_run(tmp_path: Path) -> None:
 
 def _train_job_id(deadline: float) -> str:
     while time.monotonic() < deadline:
-        listing = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True,
-                                 text=True).stdout
+        listing = subprocess.run(
+            ["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True
+        ).stdout
         for line in listing.splitlines():
             job, comment, state = line.split("|")
             if comment.startswith("rule_train") and state == "RUNNING":
@@ -103,10 +113,19 @@ def test_requeued_training_job_resumes_and_ends_as_uninterrupted(tmp_path: Path)
     local.mkdir()
     config = slurm_config(optimizers={"zsharp": {}}, train={"epochs": 4, "batch_size": 64})
     path = write_config(on_slurm, config)
-    command = ["snakemake", "-s", str(SNAKEFILE), "-d", str(on_slurm), "--configfile",
-               str(path), *SLURM]
-    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    command = [
+        "snakemake",
+        "-s",
+        str(SNAKEFILE),
+        "-d",
+        str(on_slurm),
+        "--configfile",
+        str(path),
+        *SLURM,
+    ]
+    process = subprocess.Popen(
+        command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         job = _train_job_id(deadline)

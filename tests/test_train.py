@@ -415,3 +415,20 @@ def test_digits_defaults_pass_90_percent(data_root, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final"]["test_acc"] >= 0.90
+
+
+def test_download_command_verifies_the_checksum(tmp_path, capsys) -> None:
+    """`zsharp download` on a CIFAR-10 archive in the upstream format: the published md5
+    rejects it (one line naming the file, nothing ready); --no-verify prepares it."""
+    from tests.archives import make_archive
+
+    archive = make_archive("cifar10", tmp_path / "mirror")
+    root = tmp_path / "data"
+    code = main(["download", "cifar10", "--root", str(root), "--source", str(archive.path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "cifar-10-python.tar.gz" in err
+    assert not (root / "cifar10" / "READY").exists()
+    code = main(
+        ["download", "cifar10", "--root", str(root), "--source", str(archive.path), "--no-verify"]
+    )
+    assert code == 0 and (root / "cifar10" / "READY").exists()

@@ -76,8 +76,9 @@ def test_changing_one_optimizers_hyperparameter_reruns_only_its_cells(grid_run: 
     after = mtimes(grid_run / EXP)
     changed = {cell for cell in before if before[cell] != after[cell]}
     assert changed == {"cells/digits/resnet20/zsharp/seed0/summary.json"}
-    summary = json.loads((grid_run / EXP / "cells/digits/resnet20/zsharp/seed0/summary.json")
-                         .read_text())
+    summary = json.loads(
+        (grid_run / EXP / "cells/digits/resnet20/zsharp/seed0/summary.json").read_text()
+    )
     assert summary["config"]["opt_args"]["rho"] == 0.1
 
 
@@ -101,8 +102,13 @@ def test_report_holds_the_table_and_plots(grid_run: Path) -> None:
     snakemake(grid_run, "--report", "report.html", config=config, timeout=300)
     html = (grid_run / "report.html").read_text(errors="replace")
     assert len(html) > 50_000
-    for name in ["results.csv", "comparison.csv", "final_accuracy.png",
-                 "accuracy_vs_sharpness.png", "curves_digits_resnet20.png"]:
+    for name in [
+        "results.csv",
+        "comparison.csv",
+        "final_accuracy.png",
+        "accuracy_vs_sharpness.png",
+        "curves_digits_resnet20.png",
+    ]:
         assert name in html, name
 
 
@@ -110,8 +116,10 @@ def test_report_holds_the_table_and_plots(grid_run: Path) -> None:
 def test_keep_going_shows_a_failed_cell_and_a_rerun_retries_it(tmp_path: Path) -> None:
     """An entry whose loss diverges: its cell is FAILED in the table, the rest is fine."""
     config = tiny_config()
-    config["optimizers"] = {"sgd": {}, "diverges": {"optimizer": "sgd", "lr": 1.0e6,
-                                                    "schedule": "constant", "momentum": 0.0}}
+    config["optimizers"] = {
+        "sgd": {},
+        "diverges": {"optimizer": "sgd", "lr": 1.0e6, "schedule": "constant", "momentum": 0.0},
+    }
     path = write_config(tmp_path, config)
     result = snakemake(tmp_path, "--cores", "2", "--keep-going", config=path)
     table = pd.read_csv(tmp_path / EXP / "results.csv").set_index("optimizer")
@@ -129,10 +137,24 @@ def test_keep_going_shows_a_failed_cell_and_a_rerun_retries_it(tmp_path: Path) -
 def test_killed_workflow_continues_and_training_resumes(tmp_path: Path) -> None:
     config = tiny_config(optimizers={"zsharp": {}}, train={"epochs": 4, "batch_size": 64})
     path = write_config(tmp_path, config)
-    command = ["snakemake", "-s", str(SNAKEFILE), "-d", str(tmp_path), "--configfile",
-               str(path), "--cores", "2"]
-    process = subprocess.Popen(command, env=environment(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        "snakemake",
+        "-s",
+        str(SNAKEFILE),
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(path),
+        "--cores",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command,
+        env=environment(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / EXP / "cells/digits/resnet20/zsharp/seed0/checkpoint.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists():
@@ -158,12 +180,14 @@ def test_lint_is_clean(tmp_path: Path) -> None:
 
 
 def test_paper_config_builds_the_whole_dag(tmp_path: Path) -> None:
-    result = snakemake(tmp_path, "-n", "--quiet", "rules", config=REPO / "config/paper.yaml",
-                       timeout=300)
+    result = snakemake(
+        tmp_path, "-n", "--quiet", "rules", config=REPO / "config/paper.yaml", timeout=300
+    )
     stats = dict(
-        line.split()[:2] for line in result.stdout.splitlines()
-        if line.split()[:1] and line.split()[0] in ("download", "train", "evaluate",
-                                                    "aggregate", "total")
+        line.split()[:2]
+        for line in result.stdout.splitlines()
+        if line.split()[:1]
+        and line.split()[0] in ("download", "train", "evaluate", "aggregate", "total")
     )
     # 4 datasets × 5 models × 6 optimizer entries × 3 seeds
     assert stats["train"] == stats["evaluate"] == "360"
@@ -171,6 +195,7 @@ def test_paper_config_builds_the_whole_dag(tmp_path: Path) -> None:
 
 
 def test_sgd_config_builds_the_whole_dag(tmp_path: Path) -> None:
-    result = snakemake(tmp_path, "-n", "--quiet", "rules", config=REPO / "config/sgd.yaml",
-                       timeout=300)
+    result = snakemake(
+        tmp_path, "-n", "--quiet", "rules", config=REPO / "config/sgd.yaml", timeout=300
+    )
     assert any(line.split()[:2] == ["train", "60"] for line in result.stdout.splitlines())

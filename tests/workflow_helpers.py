@@ -38,8 +38,12 @@ def tiny_config(**changes: Any) -> dict[str, Any]:
 def environment(**extra: str) -> dict[str, str]:
     """The test's environment with this interpreter's scripts (zsharp, snakemake) first."""
     scripts = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": scripts + os.pathsep + os.environ.get("PATH", ""),
-            "PYTHONUNBUFFERED": "1", **extra}
+    return {
+        **os.environ,
+        "PATH": scripts + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def write_config(directory: Path, config: dict[str, Any], name: str = "config.yaml") -> Path:
@@ -49,19 +53,34 @@ def write_config(directory: Path, config: dict[str, Any], name: str = "config.ya
 
 
 def snakemake(
-    directory: Path, *args: str, config: Path | None = None, timeout: float = 900,
-    check: bool = True, extra_env: dict[str, str] | None = None,
+    directory: Path,
+    *args: str,
+    config: Path | None = None,
+    timeout: float = 900,
+    check: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``snakemake -s <repo>/Snakefile -d <directory> ...`` as a subprocess."""
-    command = [str(Path(sys.executable).parent / "snakemake"), "-s", str(SNAKEFILE),
-               "-d", str(directory)]
+    command = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "-s",
+        str(SNAKEFILE),
+        "-d",
+        str(directory),
+    ]
     if config is not None:
         command += ["--configfile", str(config)]
-    result = subprocess.run([*command, *args], capture_output=True, text=True,
-                            timeout=timeout, env=environment(**(extra_env or {})))
+    result = subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment(**(extra_env or {})),
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout}\n"
-                             f"{result.stderr}")
+        raise AssertionError(
+            f"snakemake failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument(
         "--source", default=None, help="a mirror URL (file:// too) or a local file/folder"
     )
+    download.add_argument(
+        "--no-verify", action="store_true", help="skip the md5 check of the archives (unsafe)"
+    )
 
     train = commands.add_parser("train", help="train one cell")
     _add_cell_arguments(train)
@@ -195,7 +198,7 @@ def _train(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from zsharp.data import download_dataset
 
-    path = download_dataset(args.name, args.root, args.source)
+    path = download_dataset(args.name, args.root, args.source, verify=not args.no_verify)
     print(path)
     return 0
 

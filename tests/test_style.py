@@ -1,0 +1,21 @@
+"""The code base stays `ruff` clean (lint and format), as CI and the README promise."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUFF = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff(command: list[str]) -> None:
+    result = subprocess.run(
+        [RUFF, *command, str(REPO)], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
