@@ -279,7 +279,10 @@ def cell_config(
     return cfg.validate(deep=deep)
 
 
-def from_dict(data: dict[str, Any]) -> CellConfig:
-    """The CellConfig stored in a summary or checkpoint."""
+def from_dict(data: dict[str, Any], deep: bool = False) -> CellConfig:
+    """The CellConfig stored in a summary or checkpoint (checked when it was trained, so by
+    default only by name: building a throwaway optimizer costs PyTorch's lazy imports)."""
     data = dict(data)
-    return cell_config(data.pop("dataset"), data.pop("model"), data.pop("optimizer"), **data)
+    return cell_config(
+        data.pop("dataset"), data.pop("model"), data.pop("optimizer"), deep=deep, **data
+    )
