@@ -32,6 +32,5 @@ RUN useradd --create-home --uid 1000 --shell /bin/bash zsharp \
     && chown zsharp:zsharp /work
 USER 1000:1000
 WORKDIR /work
-ENV WANDB_DIR=/work/results
 
 CMD ["snakemake", "-s", "/opt/zsharp/Snakefile", "--cores", "all"]

@@ -7,7 +7,7 @@
 #   snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml
 from snakemake.utils import min_version
 
-min_version("8.20")
+min_version("9.0")
 
 
 include: "workflow/rules/common.smk"

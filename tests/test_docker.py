@@ -2,7 +2,7 @@
 
 Building needs a Docker engine and a base image with PyTorch. The default base (a CUDA
 PyTorch image) comes from a registry; where none can be reached, a locally made base is
-used through BASE_IMAGE (``ZSHARP_DOCKER_BASE`` names it; ``.ci/docker/make-base.sh``
+used through BASE_IMAGE (``ZSHARP_DOCKER_BASE`` names it; ``.ci/docker/make-torch-base.sh``
 makes one from Debian and the PyTorch wheels on this machine's disk).
 """
 
@@ -65,7 +65,7 @@ def test_image_builds_and_runs_the_quick_start(tmp_path: Path) -> None:
     if base is None:
         pytest.skip(
             "no base image with PyTorch: no registry can be reached from here and "
-            "none was made locally (.ci/docker/make-base.sh --torch)"
+            "none was made locally (.ci/docker/make-torch-base.sh)"
         )
     tag = "zsharp-test:latest"
     build = subprocess.run(

@@ -518,6 +518,7 @@ def test_step_with_closure_equals_explicit_steps() -> None:
         (lambda p: zo.create("sam", p, base="rmsprop"), "base"),
         (lambda p: zo.create("zsharp", p, percentile=120), "percentile"),
         (lambda p: zo.create("zsharp", p, variant="x"), "variant"),
+        (lambda p: zo.create("sam", p, percentile=90.0), "percentile.*sam"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(build, word: str) -> None:
@@ -678,3 +679,57 @@ def test_fp16_autocast_with_grad_scaler_trains() -> None:
     with torch.no_grad():
         final = F.cross_entropy(model(x), y).item()
     assert final < initial
+
+
+def test_friendly_sam_moving_average_survives_an_overflowing_pass() -> None:
+    """fp16-style overflow in one first pass must not poison F-SAM's moving average."""
+    model = conv_model(23)
+    opt = zo.create("fsam", model.parameters(), base="sgd", lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x, y = batch(23)
+    scaler_step(model, opt, scaler, x, y)
+    momentum = [opt.state[p]["momentum"].clone() for p in model.parameters()]
+    scaler_step(model, opt, scaler, x, y, poison="first")  # skipped, scale halves
+    assert all(
+        torch.equal(opt.state[p]["momentum"], m)
+        for p, m in zip(model.parameters(), momentum, strict=True)
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler_step(model, opt, scaler, x, y)  # learns again
+    assert all(torch.isfinite(opt.state[p]["momentum"]).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert scaler.get_scale() == 2.0**9
+
+
+def test_step_with_a_closure_that_zeroes_gradients_itself() -> None:
+    """torch.optim-style closures (zero_grad inside) give the explicit two-step result."""
+    model = conv_model(24, bn=False)
+    twin = copy.deepcopy(model)
+    a = zo.create("zsharp", model.parameters(), lr=0.1)
+    b = zo.create("zsharp", twin.parameters(), lr=0.1)
+    for step in range(3):
+        x, y = batch(40 + step)
+
+        def closure(x=x, y=y):
+            a.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        a.step(closure)
+        backward(twin, x, y)
+        b.first_step(zero_grad=True)
+        backward(twin, x, y)
+        b.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_fp16_parameters_with_a_gradient_norm_beyond_fp16_range() -> None:
+    """‖g‖ > 65504 (fp16's largest value): the norm is taken in float32, ε stays finite."""
+    p = nn.Parameter(torch.zeros(64, 64, dtype=torch.float16))
+    p.grad = torch.full((64, 64), 2000.0, dtype=torch.float16)  # ‖g‖ = 128 000
+    opt = zo.SAM([p], torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.first_step()
+    assert torch.isfinite(p).all()
+    assert torch.linalg.vector_norm(p.float()).item() == pytest.approx(0.05, rel=1e-2)

@@ -432,3 +432,45 @@ def test_download_command_verifies_the_checksum(tmp_path, capsys) -> None:
         ["download", "cifar10", "--root", str(root), "--source", str(archive.path), "--no-verify"]
     )
     assert code == 0 and (root / "cifar10" / "READY").exists()
+
+
+def test_option_values_read_like_yaml_numbers(tmp_path) -> None:
+    from zsharp.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "resnet20",
+            "--optimizer",
+            "zsharp",
+            "--out",
+            str(tmp_path),
+            "--opt",
+            "rho=5e-2",
+            "--opt",
+            "variant=official",
+            "--opt",
+            "adaptive=true",
+            "--lr",
+            "1e-3",
+        ]
+    )
+    assert dict(args.opt_args) == {"rho": 0.05, "variant": "official", "adaptive": True}
+    assert args.lr == 0.001
+
+
+def test_aggregate_names_cells_outside_the_workflow_layout(reference_run, tmp_path) -> None:
+    """Any directory holding a cell works: it is named by its configuration."""
+    import shutil
+
+    cell = tmp_path / "my-run"
+    shutil.copytree(reference_run, cell)
+    assert (
+        main(["aggregate", str(cell), "--out", str(tmp_path / "table"), "--wandb-mode", "disabled"])
+        == 0
+    )
+    seeds = (tmp_path / "table" / "seeds.csv").read_text()
+    assert "digits,resnet20,zsharp,3," in seeds

@@ -67,6 +67,15 @@ def test_finished_grid_has_nothing_to_do(grid_run: Path) -> None:
     assert mtimes(grid_run, "results/**/*.*") == before
 
 
+def test_changing_runtime_or_wandb_settings_reruns_nothing(grid_run: Path) -> None:
+    config = tiny_config(
+        wandb={"mode": "disabled", "project": "elsewhere"}, runtime={"device": "cpu", "amp": "none"}
+    )
+    path = write_config(grid_run, config, name="runtime.yaml")
+    result = snakemake(grid_run, "-n", config=path)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
 def test_changing_one_optimizers_hyperparameter_reruns_only_its_cells(grid_run: Path) -> None:
     config = tiny_config(wandb={"mode": "offline"})
     config["optimizers"]["zsharp"]["opt_args"]["rho"] = 0.1
@@ -113,7 +122,7 @@ def test_report_holds_the_table_and_plots(grid_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_keep_going_shows_a_failed_cell_and_a_rerun_retries_it(tmp_path: Path) -> None:
+def test_keep_going_shows_a_failed_cell_and_retry_failed_retries_it(tmp_path: Path) -> None:
     """An entry whose loss diverges: its cell is FAILED in the table, the rest is fine."""
     config = tiny_config()
     config["optimizers"] = {
@@ -129,6 +138,11 @@ def test_keep_going_shows_a_failed_cell_and_a_rerun_retries_it(tmp_path: Path) -
     assert "1 cell(s) failed" in result.stdout + result.stderr
     failures = tmp_path / EXP / "cells/digits/resnet20/diverges/seed0/failures.jsonl"
     assert len(failures.read_text().splitlines()) == 1
+    # a divergence is the cell's result: a rerun keeps it ...
+    rerun = snakemake(tmp_path, "--cores", "2", config=path)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
+    # ... unless asked to retry failed cells
+    path = write_config(tmp_path, {**config, "retry_failed": True})
     snakemake(tmp_path, "--cores", "2", "--keep-going", config=path)  # retried, fails again
     assert len(failures.read_text().splitlines()) == 2
 

@@ -80,6 +80,11 @@ CATALOGUE: list[tuple[str, dict[str, Any], str]] = [
     ("compare with a missing entry", _set("compare", {"baseline": "asam"}), "compare.baseline"),
     ("bad experiment name", _set("experiment", "../escape"), "experiment"),
     ("resource typo", _set("resources.train", {"gpus": 1}), "resources.train.gpus"),
+    (
+        "override for a missing entry",
+        _set("overrides", [{"when": {"optimizer": "adam"}, "set": {"lr": 0.1}}]),
+        "overrides.0.when.optimizer",
+    ),
 ]
 
 

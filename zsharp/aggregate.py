@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def cell_identity(cell: Path, config: dict[str, Any]) -> tuple[str, str, str, int]:
+    """(dataset, model, optimizer entry, seed) of a cell directory.
+
+    The workflow's layout ``.../<dataset>/<model>/<entry>/seed<k>`` names the entry (two
+    entries may share one optimizer); any other directory is named by its configuration.
+    """
+    parts = cell.resolve().parts
+    layout = len(parts) >= 4 and re.fullmatch(r"seed\d+", parts[-1]) is not None
+    if layout and (
+        not config or (parts[-3], parts[-4]) == (config.get("model"), config.get("dataset"))
+    ):
+        return parts[-4], parts[-3], parts[-2], int(parts[-1].removeprefix("seed"))
+    if not config:
+        raise ValueError(f"{cell}: no summary.json and not laid out as DATASET/MODEL/ENTRY/seedN")
+    return config["dataset"], config["model"], config["optimizer"], int(config["seed"])
+
+
 def seed_rows(cells: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per cell directory (a seed) and the per-epoch curves of all of them."""
     rows, curves = [], []
@@ -53,8 +71,7 @@ def seed_rows(cells: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         cell = Path(cell)
         summary = _read_json(cell / "summary.json") or {"status": "missing"}
         evaluation = _read_json(cell / "eval.json") or {}
-        label, seed = cell.parent.name, int(cell.name.removeprefix("seed"))
-        model, dataset = cell.parent.parent.name, cell.parent.parent.parent.name
+        dataset, model, label, seed = cell_identity(cell, summary.get("config", {}))
         status = summary.get("status", "ok")
         row: dict[str, Any] = {
             "dataset": dataset, "model": model, "optimizer": label, "seed": seed,
@@ -289,10 +306,18 @@ def aggregate(
     cells: Sequence[Path],
     out: Path,
     baseline: str = "sam",
-    candidates: Sequence[str] = (),
+    candidates: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write every output of the aggregate into ``out``; return the frames."""
+    """Write every output of the aggregate into ``out``; return the frames.
+
+    ``candidates`` default to every entry whose optimizer is a ZSharp variant.
+    """
     seeds, curves = seed_rows(cells)
+    if candidates is None:
+        methods = seeds.drop_duplicates("optimizer").set_index("optimizer")["method"]
+        candidates = [
+            label for label, method in methods.items() if str(method).startswith("zsharp")
+        ]
     table = cell_table(seeds)
     comparison = paired_comparison(seeds, baseline, candidates)
     out.mkdir(parents=True, exist_ok=True)

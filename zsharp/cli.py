@@ -3,16 +3,23 @@
     zsharp download NAME --root DIR
     zsharp train --dataset D --model M --optimizer O --seed S --out DIR [hyperparameters]
     zsharp evaluate --cell DIR
-    zsharp aggregate --cells DIR... --out DIR
+    zsharp aggregate CELL_DIR... --out DIR
 
-Exit status: 0 success; 2 bad input (the message names the key or file); 3 interrupted by
-SIGTERM/SIGUSR1 after writing a checkpoint (run the same command again to continue);
-4 a non-finite loss (the last good checkpoint is kept).
+Exit status: 0 success; 1 an unexpected error (with its traceback); 2 bad input (the
+message names the key or file, and nothing was started); 3 interrupted by SIGTERM/SIGUSR1
+after writing a checkpoint (run the same command again to continue); 4 a non-finite loss
+(the last good checkpoint is kept).
+
+Runtime settings that do not change what a cell computes can also come from the
+environment (the Snakemake workflow sets them from its config): ``ZSHARP_DEVICE``,
+``ZSHARP_AMP``, ``ZSHARP_COMPILE``, and W&B's own ``WANDB_MODE``, ``WANDB_PROJECT``,
+``WANDB_ENTITY``, ``WANDB_DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -23,19 +30,48 @@ from typing import Any
 import yaml
 
 from zsharp import __version__
-from zsharp.config import AMP_MODES, WANDB_MODES, CellConfig, ConfigError, Runtime, cell_config
+from zsharp.catalog import DATASET_SHAPES, MODEL_OPTIONS, OPTIMIZERS
+from zsharp.config import (
+    AMP_MODES,
+    DATASET_DEFAULTS,
+    SCHEDULES,
+    WANDB_MODES,
+    CellConfig,
+    ConfigError,
+    Runtime,
+    cell_config,
+)
 
 EXIT_BAD_INPUT = 2
 _CELL_KEYS = ("dataset", "model", "optimizer")
 _MAPPING_FIELDS = {"opt_args": "--opt", "model_args": "--model-arg"}
 
 
+def _value(text: str) -> Any:
+    """A value as YAML reads it (numbers, booleans, lists, strings); YAML 1.1 reads ``5e-2``
+    as a string, so number-like strings become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as YAML (numbers, booleans, lists, strings)."""
+    """``KEY=VALUE`` with VALUE read by :func:`_value`."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), _value(value)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _bool(text: str) -> bool:
@@ -45,10 +81,41 @@ def _bool(text: str) -> bool:
     return value
 
 
+_CHOICES: dict[str, Sequence[str]] = {
+    "schedule": SCHEDULES,
+    "base": ("sgd", "adam", "adamw"),
+}
+_HELP = {
+    "mapping": {
+        "opt_args": "the optimizer's own argument (repeatable), e.g. rho=0.05, percentile=95, "
+        "variant=official, sigma=1",
+        "model_args": "a model option (repeatable), e.g. patch_size=4 (vit), shortcut=B (resnets)",
+    },
+    "augment": "random crop + flip (true/false)",
+    "flip": "include the horizontal flip (true/false)",
+    "base": "the base optimizer of the SAM family",
+    "momentum": "SGD momentum (ignored by Adam-based optimizers)",
+}
+
+
+def _dataset_defaults_text() -> str:
+    lines = [
+        f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+        for name, values in DATASET_DEFAULTS.items()
+    ]
+    return "defaults per dataset (others: the field's default shown per flag): " + "; ".join(lines)
+
+
 def _add_cell_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cell (defaults depend on the dataset)")
-    for key in _CELL_KEYS:
-        group.add_argument(f"--{key}", required=True)
+    group = parser.add_argument_group("cell", _dataset_defaults_text())
+    group.add_argument("--dataset", required=True, choices=list(DATASET_SHAPES))
+    group.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help=f"one of {', '.join(MODEL_OPTIONS)}, or timm:NAME (any timm model)",
+    )
+    group.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
     hints = typing.get_type_hints(CellConfig)
     for f in fields(CellConfig):
         if f.name in _CELL_KEYS:
@@ -60,22 +127,32 @@ def _add_cell_arguments(parser: argparse.ArgumentParser) -> None:
                 action="append",
                 type=_key_value,
                 metavar="KEY=VALUE",
-                help=f"{f.name.replace('_', ' ')} (repeatable), e.g. rho=0.05",
+                help=_HELP["mapping"][f.name],
             )
             continue
         kind = hints[f.name]
-        parse = {int: int, float: float, bool: _bool, str: str}.get(kind, str)
+        parse = {int: int, float: _float, bool: _bool, str: str}.get(kind, str)
+        text = _HELP.get(f.name, "")
         group.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             type=parse,
             default=None,
-            help=f"default: dataset's, else {f.default!r}",
+            choices=_CHOICES.get(f.name),
+            help=f"{text}{'; ' if text else ''}default {f.default!r}",
         )
 
 
-def _add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _add_wandb_arguments(parser: argparse.ArgumentParser, named: bool = False) -> None:
     group = parser.add_argument_group("Weights & Biases")
+    if named:
+        group.add_argument(
+            "--wandb-name", default=None, help="the run's name (default: OPTIMIZER-seedN)"
+        )
     group.add_argument(
         "--wandb-mode", choices=WANDB_MODES, default=None, help="default: $WANDB_MODE, else offline"
     )
@@ -85,17 +162,29 @@ def _add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
         "--wandb-dir",
         type=Path,
         default=None,
-        help="where offline runs land (default: the cell directory)",
+        help="where offline runs land (default: $WANDB_DIR, else the cell directory)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zsharp", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"zsharp {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage text is one --help away)."""
 
-    download = commands.add_parser("download", help="fetch and prepare a dataset")
-    download.add_argument("name")
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="zsharp", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"zsharp {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    download = commands.add_parser(
+        "download",
+        help="fetch and prepare a dataset",
+        description="Fetch a dataset, verify its md5, prepare it as uint8 arrays under "
+        "ROOT/NAME/ (READY is written last). A root that already holds it uses no network.",
+    )
+    download.add_argument("name", choices=list(DATASET_SHAPES))
     download.add_argument("--root", type=Path, default=Path("data"))
     download.add_argument(
         "--source", default=None, help="a mirror URL (file:// too) or a local file/folder"
@@ -110,38 +199,87 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True, help="the cell directory")
     run.add_argument("--data-root", type=Path, default=Path("data"))
     run.add_argument("--checkpoint", type=Path, default=None, help="default: <out>/checkpoint.pt")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    run.add_argument(
+        "--device",
+        default=os.environ.get("ZSHARP_DEVICE", "auto"),
+        help="auto, cpu, cuda, cuda:1, … (default: $ZSHARP_DEVICE, else auto)",
+    )
     run.add_argument(
         "--amp",
         choices=AMP_MODES,
-        default="auto",
-        help="autocast dtype (auto: bf16 on CUDA, none on CPU)",
+        default=os.environ.get("ZSHARP_AMP", "auto"),
+        help="autocast dtype (auto: bf16 on CUDA, none on CPU; default: $ZSHARP_AMP, else auto)",
     )
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        default=_env_flag("ZSHARP_COMPILE"),
+        help="torch.compile the model (default: $ZSHARP_COMPILE)",
+    )
     run.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     run.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto")
     run.add_argument(
         "--record-failure",
         action="store_true",
-        help="on a training failure (e.g. a non-finite loss) write a summary with status "
-        "'failed' and exit 0, so a workflow can tabulate it (used by the Snakemake rules)",
+        help="on a non-finite loss write a summary with status 'failed' and exit 0, so a "
+        "workflow can tabulate the divergence (used by the Snakemake rules); other errors "
+        "too on the final attempt (see --attempt)",
     )
-    _add_wandb_arguments(train)
+    run.add_argument(
+        "--attempt",
+        type=int,
+        nargs=2,
+        metavar=("N", "OF"),
+        default=None,
+        help="this is attempt N of OF: with --record-failure, errors other than a "
+        "non-finite loss are recorded only on the last attempt (earlier ones fail, so the "
+        "scheduler retries them)",
+    )
+    _add_wandb_arguments(train, named=True)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a trained cell")
-    evaluate.add_argument("--cell", type=Path, required=True)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a trained cell",
+        description="Test accuracy and loss, expected calibration error (equal-width "
+        "confidence bins) and sharpness: the dominant eigenvalue of the Hessian of the "
+        "training loss, by power iteration with Hessian-vector products on a fixed subset of "
+        "the training split (BatchNorm in eval mode). Writes CELL/eval.json.",
+    )
+    evaluate.add_argument("--cell", type=Path, required=True, help="a trained cell directory")
     evaluate.add_argument("--data-root", type=Path, default=Path("data"))
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--hessian-samples", type=int, default=1024)
-    evaluate.add_argument("--hessian-iterations", type=int, default=20)
-    evaluate.add_argument("--ece-bins", type=int, default=15)
-    _add_wandb_arguments(evaluate)
+    evaluate.add_argument(
+        "--device",
+        default=os.environ.get("ZSHARP_DEVICE", "auto"),
+        help="default: $ZSHARP_DEVICE, else auto",
+    )
+    evaluate.add_argument(
+        "--hessian-samples", type=int, default=1024, help="training images in the fixed subset"
+    )
+    evaluate.add_argument(
+        "--hessian-iterations",
+        type=int,
+        default=20,
+        help="at most this many Hessian-vector products (stops at 1e-3 relative change)",
+    )
+    evaluate.add_argument("--ece-bins", type=int, default=15, help="confidence bins of the ECE")
+    _add_wandb_arguments(evaluate, named=True)
 
-    aggregate = commands.add_parser("aggregate", help="tabulate and plot finished cells")
+    aggregate = commands.add_parser(
+        "aggregate",
+        help="tabulate and plot finished cells",
+        description="Tables (mean ± std over seeds), a paired comparison and plots from cell "
+        "directories. A cell laid out as .../DATASET/MODEL/ENTRY/seedN is named by ENTRY; "
+        "any other directory by its optimizer.",
+    )
     aggregate.add_argument("cells", nargs="+", type=Path, help="cell directories")
     aggregate.add_argument("--out", type=Path, required=True)
     aggregate.add_argument("--baseline", default="sam", help="optimizer entry compared against")
-    aggregate.add_argument("--candidates", nargs="*", default=[], help="entries compared")
+    aggregate.add_argument(
+        "--candidates",
+        nargs="*",
+        default=None,
+        help="entries compared with the baseline (default: every ZSharp entry)",
+    )
     aggregate.add_argument("--experiment", default="zsharp", help="the W&B group")
     _add_wandb_arguments(aggregate)
     return parser
@@ -149,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from zsharp.data import DatasetError
-    from zsharp.train import PreemptedError, record_failure, train_cell
+    from zsharp.train import NonFiniteLossError, PreemptedError, record_failure, train_cell
 
     overrides = {
         f.name: getattr(args, f.name)
@@ -173,13 +311,15 @@ def _train(args: argparse.Namespace) -> int:
         wandb_project=args.wandb_project,
         wandb_entity=args.wandb_entity,
         wandb_dir=args.wandb_dir,
+        wandb_name=args.wandb_name,
     )
     try:
         summary = train_cell(cfg, rt)
     except (PreemptedError, ConfigError, DatasetError, KeyboardInterrupt):
         raise
     except Exception as error:
-        if not args.record_failure:
+        final_attempt = args.attempt is None or args.attempt[0] >= args.attempt[1]
+        if not args.record_failure or not (isinstance(error, NonFiniteLossError) or final_attempt):
             raise
         record_failure(cfg, args.out, error)
         print(
@@ -218,6 +358,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             wandb_project=args.wandb_project,
             wandb_entity=args.wandb_entity,
             wandb_dir=args.wandb_dir,
+            wandb_name=args.wandb_name,
         ),
     )
     if result["status"] != "ok":
@@ -238,6 +379,7 @@ def _aggregate(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"not a cell directory: {missing[0]}")
     frames = aggregate(args.cells, args.out, args.baseline, args.candidates)
+    candidates = list(frames["comparison"]["candidate"].unique())
     tracker = Tracker(
         mode=args.wandb_mode,
         project=args.wandb_project,
@@ -246,7 +388,7 @@ def _aggregate(args: argparse.Namespace) -> int:
         group=args.experiment,
         name="aggregate",
         job_type="aggregate",
-        config={"baseline": args.baseline, "candidates": args.candidates, "cells": len(args.cells)},
+        config={"baseline": args.baseline, "candidates": candidates, "cells": len(args.cells)},
     )
     for key in ("table", "comparison"):
         frame = frames[key].astype(object).where(frames[key].notna(), None)
@@ -271,10 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from zsharp.train import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLossError, PreemptedError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a one-line usage error
+        return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, FileNotFoundError) as error:
         print(f"zsharp {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except PreemptedError as error:

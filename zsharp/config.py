@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,7 @@ class Runtime:
     wandb_project: str | None = None  # None: $WANDB_PROJECT, else "zsharp"
     wandb_entity: str | None = None  # None: $WANDB_ENTITY
     wandb_dir: Path | None = None  # None: $WANDB_DIR, else <out>
+    wandb_name: str | None = None  # None: <optimizer>-seed<seed>
 
     def validate(self) -> Runtime:
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
@@ -227,6 +229,13 @@ class Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device: {self.device!r} requested but CUDA is not available")
         return self
+
+    @property
+    def wandb_directory(self) -> Path:
+        """Where W&B runs land: ``wandb_dir``, else $WANDB_DIR, else the cell directory."""
+        if self.wandb_dir is not None:
+            return self.wandb_dir
+        return Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else self.out
 
     @property
     def checkpoint_path(self) -> Path:
@@ -276,7 +285,12 @@ def cell_config(
         raise ConfigError(f"{unknown[0]}: unknown setting; known: {sorted(known)}")
     values = {**DATASET_DEFAULTS.get(dataset, {}), **overrides}
     cfg = CellConfig(dataset=dataset, model=model, optimizer=optimizer, **values)
-    return cfg.validate(deep=deep)
+    cfg.validate(deep=deep)
+    if not cfg.sgd_based:
+        # momentum is an SGD setting: recorded as 0 for Adam-based cells, so changing it
+        # does not make their configuration (and checkpoint, and workflow cache) differ
+        cfg.momentum = 0.0
+    return cfg
 
 
 def from_dict(data: dict[str, Any], deep: bool = False) -> CellConfig:

@@ -10,6 +10,7 @@ cells are measured on the same points.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class EvalOptions:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_dir: Path | None = None
+    wandb_name: str | None = None
 
 
 def read_summary(cell: Path) -> dict[str, Any]:
@@ -109,9 +111,10 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
         mode=options.wandb_mode,
         project=options.wandb_project,
         entity=options.wandb_entity,
-        directory=options.wandb_dir or cell,
+        directory=options.wandb_dir
+        or (Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else cell),
         group=f"{cfg.dataset}-{cfg.model}",
-        name=f"{cfg.optimizer}-seed{cfg.seed}",
+        name=options.wandb_name or f"{cfg.optimizer}-seed{cfg.seed}",
         job_type="eval",
         config=cfg.to_dict(),
     )

@@ -182,7 +182,20 @@ def load_grid(config: dict[str, Any], schema_path: Path = SCHEMA) -> Grid:
                         ) from None
                     cells.append(Cell(dataset, model, label, seed, cfg))
     _check_compare(config)
+    _check_overrides(config)
     return Grid(config, cells)
+
+
+def _check_overrides(config: dict[str, Any]) -> None:
+    """A `when` that names no dataset, model or optimizer entry of the grid is a typo."""
+    sections = {"dataset": "datasets", "model": "models", "optimizer": "optimizers"}
+    for i, override in enumerate(config.get("overrides") or []):
+        for key, value in override["when"].items():
+            if value not in config[sections[key]]:
+                raise GridError(
+                    f"overrides.{i}.when.{key}: {value!r} is not one of the grid's "
+                    f"{sections[key]} {list(config[sections[key]])}"
+                )
 
 
 def _check_compare(config: dict[str, Any]) -> None:

@@ -409,9 +409,9 @@ def train_cell(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
         mode=rt.wandb_mode,
         project=rt.wandb_project,
         entity=rt.wandb_entity,
-        directory=rt.wandb_dir or rt.out,
+        directory=rt.wandb_directory,
         group=group,
-        name=name,
+        name=rt.wandb_name or name,
         job_type="train",
         config={
             **cfg.to_dict(),

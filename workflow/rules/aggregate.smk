@@ -13,6 +13,7 @@ rule aggregate:
             labels={"table": "per cell"},
         ),
         markdown=f"{EXP}/results.md",
+        seeds=f"{EXP}/seeds.csv",
         comparison=report(
             f"{EXP}/comparison.csv",
             caption="../report/comparison.rst",
@@ -48,14 +49,13 @@ rule aggregate:
         cells=lambda wildcards, input: shlex.join(str(Path(s).parent) for s in input.summaries),
         out=lambda wildcards, output: Path(output.table).parent,
         compare=compare_args(),
-        wandb=wandb_args(),
         experiment=C["experiment"],
     localrule: True
     container:
         CONTAINER
     shell:
         "zsharp aggregate {params.cells} --out {params.out} {params.compare} "
-        "--experiment {params.experiment} {params.wandb} > {log} 2>&1"
+        "--experiment {params.experiment} > {log} 2>&1"
 
 
 onsuccess:

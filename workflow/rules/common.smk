@@ -1,5 +1,6 @@
 # The config, its validation, and the grid of cells.
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -48,7 +49,10 @@ def cell_dir(wildcards):
 
 
 def failures_so_far(wildcards):
-    """How many failures the cell has recorded: a new one makes the next run retry it."""
+    """With retry_failed, how many failures the cell has recorded: a new one changes this
+    parameter, so the next run retries the cell (it stays put once the cell succeeds)."""
+    if not C["retry_failed"]:
+        return 0
     path = Path(cell_dir(wildcards)) / "failures.jsonl"
     return sum(1 for _ in path.open()) if path.exists() else 0
 
@@ -57,12 +61,31 @@ def resource(rule, key, default):
     return (C["resources"].get(rule) or {}).get(key, default)
 
 
-def wandb_args():
-    w = C["wandb"]
-    args = ["--wandb-mode", w["mode"], "--wandb-project", w["project"]]
-    if w.get("entity"):
-        args += ["--wandb-entity", w["entity"]]
-    return shlex.join(args)
+# Runtime and W&B settings reach the jobs through the environment, not as parameters: they
+# do not change what a cell computes, so changing them must not rerun it. A variable
+# already set in the environment wins (e.g. `docker run -e WANDB_MODE=online`).
+for _variable, _value in {
+    "ZSHARP_DEVICE": C["runtime"].get("device"),
+    "ZSHARP_AMP": C["runtime"].get("amp"),
+    "ZSHARP_COMPILE": {True: "1", False: "0"}.get(C["runtime"].get("compile")),
+    "WANDB_MODE": C["wandb"].get("mode"),
+    "WANDB_PROJECT": C["wandb"].get("project"),
+    "WANDB_ENTITY": C["wandb"].get("entity"),
+}.items():
+    if _value is not None:
+        os.environ.setdefault(_variable, str(_value))
+
+
+def gpu_resources(rule):
+    """The GPU request of a rule: `gpu` (→ sbatch --gpus) and, if set, `gpu_model`."""
+    resources = {"gpu": resource(rule, "gpu", 1)}
+    if resource(rule, "gpu_model", None):
+        resources["gpu_model"] = resource(rule, "gpu_model", None)
+    return resources
+
+
+def retries(rule):
+    return resource(rule, "retries", 2)
 
 
 ALL_CELLS = [f"{EXP}/cells/{cell.key}" for cell in GRID.cells]
@@ -89,6 +112,8 @@ AGGREGATE_OUTPUTS = [
 def compare_args():
     compare = C["compare"]
     baseline = compare.get("baseline", "sam")
+    if baseline not in C["optimizers"]:  # no SAM entry and no baseline named: no comparison
+        return "--candidates"
     candidates = compare.get("candidates")
     if candidates is None:  # default: every ZSharp entry against the baseline
         candidates = [

@@ -20,19 +20,17 @@ rule evaluate:
                 "--hessian-samples", str(C["evaluate"]["hessian_samples"]),
                 "--hessian-iterations", str(C["evaluate"]["hessian_iterations"]),
                 "--ece-bins", str(C["evaluate"]["ece_bins"]),
-                "--device", C["runtime"]["device"],
             ]
         ),
-        wandb=wandb_args(),
     threads: resource("evaluate", "threads", 1)
     resources:
-        gpu=resource("evaluate", "gpu", 1),
         runtime=resource("evaluate", "runtime", 60),
         mem_mb=resource("evaluate", "mem_mb", 8000),
-    retries: 2
+        **gpu_resources("evaluate"),
+    retries: retries("evaluate")
     container:
         CONTAINER
     shell:
         "zsharp-device {resources.gpu} -- "
         "zsharp evaluate --cell {params.cell} --data-root {params.data} {params.options} "
-        "{params.wandb} > {log} 2>&1"
+        "--wandb-name {wildcards.label}-seed{wildcards.seed} >> {log} 2>&1"

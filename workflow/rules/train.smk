@@ -1,5 +1,7 @@
 # One training job per cell. `params.cell` is the cell's whole resolved configuration, so
-# changing any hyperparameter of a cell reruns that cell only. The resumable checkpoint
+# changing any hyperparameter of a cell reruns that cell only. A non-finite loss is
+# recorded as the cell's (failed) result; other errors are retried and recorded only on the
+# last attempt, so the grid and its table go on. The resumable checkpoint
 # lives beside the outputs but is not one (Snakemake deletes declared outputs before a
 # job runs): a killed or preempted job started again continues from it.
 
@@ -18,23 +20,20 @@ rule train:
         cell=lambda wc: shlex.join(train_arguments(cell_of(wc))),
         out=lambda wildcards, output: Path(output.summary).parent,
         data=lambda wildcards, input: Path(input.data).parent.parent,
-        attempt=failures_so_far,
-        runtime=shlex.join(
-            ["--device", C["runtime"]["device"], "--amp", C["runtime"]["amp"]]
-            + (["--compile"] if C["runtime"]["compile"] else [])
-        ),
-        wandb=wandb_args(),
+        failures=failures_so_far,
+        attempts=retries("train") + 1,
     threads: resource("train", "threads", 1)
     resources:
-        gpu=resource("train", "gpu", 1),
         runtime=resource("train", "runtime", 720),
         mem_mb=resource("train", "mem_mb", 8000),
-        **({"gpu_model": resource("train", "gpu_model", None)} if resource("train", "gpu_model", None) else {}),
-    retries: 2
+        attempt=lambda wildcards, attempt: attempt,
+        **gpu_resources("train"),
+    retries: retries("train")
     container:
         CONTAINER
     shell:
         "zsharp-device {resources.gpu} -- "
         "zsharp train {params.cell} --out {params.out} --data-root {params.data} "
-        "--threads {threads} --progress lines --record-failure {params.runtime} "
-        "{params.wandb} > {log} 2>&1"
+        "--threads {threads} --progress lines --record-failure "
+        "--attempt {resources.attempt} {params.attempts} "
+        "--wandb-name {wildcards.label}-seed{wildcards.seed} >> {log} 2>&1"

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from zsharp.catalog import SAM_ARGS
 from zsharp.optim.friendly import FriendlySAM
 from zsharp.optim.sam import SAM, ParamsT, check_base_kwargs
 from zsharp.optim.zscore import ZScoreFilter, check_percentile, check_variant
@@ -19,6 +20,8 @@ BASE_OPTIMIZERS: dict[str, type[Optimizer]] = {
 }
 SAM_FAMILY = ("sam", "asam", "fsam", "zsharp", "zsharp-asam", "zsharp-fsam")
 OPTIMIZERS: tuple[str, ...] = (*BASE_OPTIMIZERS, *SAM_FAMILY)
+
+_ALL_SAM_ARGS = frozenset().union(*SAM_ARGS.values())
 
 # ASAM's own defaults (Kwon et al. 2021): its scale-invariant radius is larger than SAM's.
 ASAM_DEFAULTS = {"rho": 0.5, "eta": 0.01}
@@ -51,6 +54,10 @@ def create(name: str, params: ParamsT, **kwargs: Any) -> Optimizer:
     if name not in SAM_FAMILY:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
     base = base_optimizer_class(kwargs.pop("base", "sgd"))
+    own = SAM_ARGS[name]
+    for key in kwargs:  # name the optimizer, not the base, when a SAM argument is misplaced
+        if key not in own and key in _ALL_SAM_ARGS:
+            raise ValueError(f"argument {key!r} does not apply to {name} (it takes {sorted(own)})")
     if name.endswith("asam"):
         kwargs = {**ASAM_DEFAULTS, **kwargs, "adaptive": True}
     if name == "sam" or name == "asam":

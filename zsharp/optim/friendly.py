@@ -61,6 +61,9 @@ class FriendlySAM(SAM):
 
     @torch.no_grad()
     def _set_directions(self, groups: list[_Group]) -> None:
+        # With a GradScaler, a pass whose gradients overflowed must not reach the moving
+        # average (it would stay inf/NaN for good): there m keeps its value (or starts at 0).
+        finite = self._finite
         for group in groups:
             sigma, lmbda = float(group.group["sigma"]), float(group.group["lmbda"])
             direction: list[Tensor] = []
@@ -71,13 +74,21 @@ class FriendlySAM(SAM):
                     tracked_g.append(g)
                     tracked_m.append(state["momentum"])
                     tracked_i.append(i)
-                else:
+                elif finite is None:
                     state["momentum"] = g.clone()  # m_1 = g_1, d_1 = g_1
+                else:
+                    state["momentum"] = torch.where(finite.to(g.device), g, 0.0)
                 direction.append(g)
             if tracked_g:
                 d = torch._foreach_add(tracked_g, tracked_m, alpha=-sigma)
-                torch._foreach_mul_(tracked_m, lmbda)
-                torch._foreach_add_(tracked_m, tracked_g, alpha=1.0 - lmbda)
+                if finite is None:
+                    torch._foreach_mul_(tracked_m, lmbda)
+                    torch._foreach_add_(tracked_m, tracked_g, alpha=1.0 - lmbda)
+                else:
+                    updated = torch._foreach_mul(tracked_m, lmbda)
+                    torch._foreach_add_(updated, tracked_g, alpha=1.0 - lmbda)
+                    for m, new in zip(tracked_m, updated, strict=True):
+                        m.copy_(torch.where(finite.to(m.device), new, m))
                 for i, d_i in zip(tracked_i, d, strict=True):
                     direction[i] = d_i
             group.direction = direction

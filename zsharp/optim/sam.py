@@ -42,6 +42,7 @@ from zsharp.optim.zscore import ZScoreFilter, check_percentile
 
 # Guards the normalisations against a zero gradient, as in the reference implementations.
 NORM_EPS = 1e-12
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -77,11 +78,27 @@ def check_base_kwargs(base_optimizer: type[Optimizer], kwargs: dict[str, Any]) -
 
 
 def _global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """‖(t₁, …, t_n)‖₂ as a 0-d float32 tensor on ``device``, without a host sync."""
+    """‖(t₁, …, t_n)‖₂ as a 0-d float32 tensor on ``device``, without a host sync.
+
+    Each tensor's norm is accumulated in float32 even for fp16/bf16 tensors (an fp16 norm
+    overflows above 65504).
+    """
     if not tensors:
         return torch.zeros((), device=device)
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+    try:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    except TypeError:  # PyTorch releases without the dtype argument
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+def _scale_(tensors: list[Tensor], factor: Tensor) -> None:
+    """tensors ← factor · tensors for a 0-d ``factor``, on whichever devices they live."""
+    by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault((t.device, t.dtype), []).append(t)
+    for (device, dtype), group in by_device.items():
+        torch._foreach_mul_(group, factor.to(device, dtype))
 
 
 class _Group:
@@ -100,7 +117,16 @@ class _Group:
             torch._foreach_add_(self.scale, float(group["eta"]))
 
     def times_scale(self, tensors: list[Tensor]) -> list[Tensor]:
-        """T ⊙ tensors as new tensors (a copy for T = 1, so callers may write into it)."""
+        """T ⊙ tensors as new tensors (a copy for T = 1, so callers may write into it).
+
+        16-bit tensors are copied to float32: ε's factor ρ/‖g‖ can be far below their
+        precision (even subnormal), and ε is added to the weights in their dtype anyway.
+        """
+        if any(t.dtype in _LOW_PRECISION for t in tensors):
+            copies = [t.float() if t.dtype in _LOW_PRECISION else t.clone() for t in tensors]
+            self.times_scale_(copies)
+            return copies
+        # one multi-tensor kernel per device and dtype, not a copy per tensor
         if self.scale is None:
             return torch._foreach_mul(tensors, 1.0)
         return torch._foreach_mul(tensors, self.scale)
@@ -254,8 +280,10 @@ class SAM(Optimizer):
         """A whole SAM step; ``closure`` computes the loss and calls ``backward()``.
 
         As in davda54/sam the gradient at w may already be there (the caller ran
-        ``loss.backward()``); if no parameter has a gradient, the closure is called first
-        to compute it. Returns the loss at w when computed here, else the loss at w + ε.
+        ``loss.backward()``); if no parameter has a gradient (``.grad`` is None, as
+        ``zero_grad()`` leaves it), the closure is called first to compute it. The
+        gradients are cleared at the end. Returns the loss at w when computed here, else
+        the loss at w + ε.
         """
         if closure is None:
             raise ValueError(
@@ -268,7 +296,9 @@ class SAM(Optimizer):
             loss = closure()
         self.first_step(zero_grad=True)
         perturbed_loss = closure()
-        self.second_step()
+        # cleared, so the next step's gradient at w is computed afresh (a closure that
+        # zeroes gradients itself would otherwise leave this pass's ones behind)
+        self.second_step(zero_grad=True)
         return loss if loss is not None else perturbed_loss
 
     def _forward_first_pass_overflow(self) -> None:
@@ -310,7 +340,7 @@ class SAM(Optimizer):
         epsilon: list[Tensor] = []
         for group, s in zip(groups, scaled, strict=True):
             group.times_scale_(s)
-            torch._foreach_mul_(s, (group.rho / (norm + NORM_EPS)).to(s[0].dtype))
+            _scale_(s, group.rho / (norm + NORM_EPS))
             epsilon.extend(s)
         return epsilon
 
@@ -349,7 +379,7 @@ class SAM(Optimizer):
         epsilon: list[Tensor] = []
         for group, d in zip(groups, directions, strict=True):
             group.times_scale_(d)
-            torch._foreach_mul_(d, (group.rho / (norm + NORM_EPS)).to(d[0].dtype))
+            _scale_(d, group.rho / (norm + NORM_EPS))
             epsilon.extend(d)
         return epsilon
 

@@ -173,8 +173,8 @@ class ZScoreFilter:
 
         ``percentiles[i]`` is p for ``tensors[i]``. Every tensor given is filtered; callers
         select the tensors with :meth:`filters`. The result for tensor i is a view into a
-        buffer shared by the tensors of its size, in the tensor's own dtype; statistics are
-        computed in float32 (or float64 for float64 tensors).
+        buffer shared by the tensors of its size, in float32 (float64 for float64 tensors):
+        16-bit gradients are upcast, since the ε later built from them would underflow.
         """
         keep_rows = _KEEP_ROWS[self.variant]
         out: list[Tensor | None] = [None] * len(tensors)
@@ -186,8 +186,8 @@ class ZScoreFilter:
             compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             for start in range(0, len(members), rows_per_chunk):
                 chunk = members[start : start + rows_per_chunk]
-                rows = torch.stack([tensors[i].reshape(-1) for i in chunk])
-                keep = keep_rows(rows.to(compute_dtype), percentile)  # float32: no copy
+                rows = torch.stack([tensors[i].reshape(-1) for i in chunk]).to(compute_dtype)
+                keep = keep_rows(rows, percentile)
                 if keep is not None:
                     rows.masked_fill_(keep.logical_not_(), 0.0)
                 for row, i in zip(rows, chunk, strict=True):
