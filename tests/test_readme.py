@@ -1,0 +1,36 @@
+"""The README's promises that code can check: its library example runs, CI runs its test
+command, and its quick start names commands that exist."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def test_library_example_runs(tmp_path: Path) -> None:
+    section = README.split("## The library", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(example.strip().splitlines()) <= 14
+    script = tmp_path / "example.py"
+    script.write_text(example + "\nassert not opt.perturbed\nprint('ok')\n")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    test_line = next(line for line in quick_start.splitlines() if "'.[test]'" in line)
+    command = test_line.split("&&")[-1].strip()
+    ci = [
+        line.strip()
+        for line in (REPO / ".ci/run").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert ci[-1] == command == "pytest"
