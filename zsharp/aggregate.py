@@ -27,6 +27,7 @@ matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from zsharp.checkpoint import atomic_open
@@ -234,6 +235,7 @@ def plot_curves(curves: pd.DataFrame, out: Path, dataset: str, model: str) -> Pa
         ax.plot(mean.index, mean.to_numpy(), label=optimizer)
         ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{dataset} / {model}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not subset.empty:
         ax.legend()
     ax.grid(alpha=0.3)
@@ -254,11 +256,18 @@ def plot_final_accuracy(table: pd.DataFrame, path: Path) -> None:
         x = np.arange(len(groups)) + (i - (len(optimizers) - 1) / 2) * width
         ax.bar(x, means, width, yerr=np.nan_to_num(stds), capsize=3, label=optimizer)
     ax.set_xticks(np.arange(len(groups)), [f"{d}\n{m}" for d, m in groups])
-    finite = table["final_test_acc_mean"].dropna() * 100
-    if not finite.empty:
-        ax.set_ylim(max(0.0, finite.min() - 5), min(100.0, finite.max() + 3))
+    low = (table["final_test_acc_mean"] - table["final_test_acc_std"].fillna(0)).dropna() * 100
+    high = (table["final_test_acc_mean"] + table["final_test_acc_std"].fillna(0)).dropna() * 100
+    if not low.empty:
+        ax.set_ylim(max(0.0, low.min() - 3), min(100.0, high.max() + 2))
     ax.set(ylabel="final test accuracy (%)")
-    ax.legend(ncols=min(len(optimizers), 6), fontsize="small")
+    ax.legend(
+        ncols=min(len(optimizers), 6),
+        fontsize="small",
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.18),
+        frameon=False,
+    )
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 

@@ -332,10 +332,23 @@ class SAM(Optimizer):
         return self._epsilon_official(groups, device)
 
     def _normalised(
-        self, groups: list[_Group], directions: list[list[Tensor]], device: torch.device
+        self,
+        groups: list[_Group],
+        directions: list[list[Tensor]],
+        device: torch.device,
+        owned: bool = False,
     ) -> list[Tensor]:
-        """ε_ℓ = ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) with one norm over every group."""
-        scaled = [g.times_scale(d) for g, d in zip(groups, directions, strict=True)]
+        """ε_ℓ = ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) with one norm over every group.
+
+        ``owned`` directions are buffers of this step (filtered copies): ε is built in them
+        instead of in new tensors.
+        """
+        if owned:
+            for group, d in zip(groups, directions, strict=True):
+                group.times_scale_(d)
+            scaled = directions
+        else:
+            scaled = [g.times_scale(d) for g, d in zip(groups, directions, strict=True)]
         norm = _global_norm([t for s in scaled for t in s], device)
         epsilon: list[Tensor] = []
         for group, s in zip(groups, scaled, strict=True):
@@ -367,21 +380,7 @@ class SAM(Optimizer):
         for ds in directions:
             chunks.append(filtered[start : start + len(ds)])
             start += len(ds)
-        return self._normalised_owned(groups, chunks, device)
-
-    def _normalised_owned(
-        self, groups: list[_Group], directions: list[list[Tensor]], device: torch.device
-    ) -> list[Tensor]:
-        """:meth:`_normalised` writing into ``directions`` (buffers this step owns)."""
-        for group, d in zip(groups, directions, strict=True):
-            group.times_scale_(d)
-        norm = _global_norm([t for d in directions for t in d], device)
-        epsilon: list[Tensor] = []
-        for group, d in zip(groups, directions, strict=True):
-            group.times_scale_(d)
-            _scale_(d, group.rho / (norm + NORM_EPS))
-            epsilon.extend(d)
-        return epsilon
+        return self._normalised(groups, chunks, device, owned=True)
 
     def _epsilon_official(self, groups: list[_Group], device: torch.device) -> list[Tensor]:
         """ZSharp as the released code computes it (see the module docstring)."""
