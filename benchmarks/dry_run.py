@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json
+from common import machine
+
+from zsharp.checkpoint import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 

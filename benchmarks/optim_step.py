@@ -26,9 +26,10 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, interleaved_medians, machine, write_json
+from common import Timer, interleaved_medians, machine
 
 import zsharp.optim as zo
+from zsharp.checkpoint import write_json
 from zsharp.models import build_model
 
 OPTIMIZERS = {

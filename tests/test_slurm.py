@@ -19,9 +19,9 @@ import torch
 from tests.slurm_cluster import ensure_cluster, job_ids_in, requeue_now
 from tests.workflow_helpers import (
     REPO,
-    SNAKEFILE,
     environment,
     snakemake,
+    snakemake_command,
     tiny_config,
     write_config,
 )
@@ -113,16 +113,7 @@ def test_requeued_training_job_resumes_and_ends_as_uninterrupted(tmp_path: Path)
     local.mkdir()
     config = slurm_config(optimizers={"zsharp": {}}, train={"epochs": 4, "batch_size": 64})
     path = write_config(on_slurm, config)
-    command = [
-        "snakemake",
-        "-s",
-        str(SNAKEFILE),
-        "-d",
-        str(on_slurm),
-        "--configfile",
-        str(path),
-        *SLURM,
-    ]
+    command = snakemake_command(on_slurm, *SLURM, config=path)
     process = subprocess.Popen(
         command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

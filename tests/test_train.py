@@ -38,23 +38,24 @@ CELL = [
 ]
 
 
-def command(out: Path, data: Path, *extra: str) -> list[str]:
+def train_command(out: Path, data: Path, *args: str) -> list[str]:
+    """`zsharp train ARGS --out OUT --data-root DATA`, run with this interpreter."""
     return [
         sys.executable,
         "-m",
         "zsharp.cli",
         "train",
-        *CELL,
+        *args,
         "--out",
         str(out),
         "--data-root",
         str(data),
-        "--threads",
-        "1",
-        "--progress",
-        "lines",
-        *extra,
     ]
+
+
+def command(out: Path, data: Path, *extra: str) -> list[str]:
+    """The small reference cell, on one thread, logging one line per epoch."""
+    return train_command(out, data, *CELL, "--threads", "1", "--progress", "lines", *extra)
 
 
 def env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -184,30 +185,10 @@ def test_preemption_signal_checkpoints_mid_epoch_and_resumes(
 
 
 def test_nonfinite_loss_stops_with_epoch_and_step(data_root, tmp_path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "zsharp.cli",
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "resnet20",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "1e6",
-        "--momentum",
-        "0",
-        "--epochs",
-        "2",
-        "--schedule",
-        "constant",
-        "--out",
-        str(tmp_path),
-        "--data-root",
-        str(data_root),
-    ]
+    cmd = train_command(
+        tmp_path, data_root, "--dataset", "digits", "--model", "resnet20", "--optimizer", "sgd",
+        "--lr", "1e6", "--momentum", "0", "--epochs", "2", "--schedule", "constant",
+    )  # fmt: skip
     result = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 4, result.stderr
     assert "non-finite training loss at epoch 1, step" in result.stderr
@@ -311,30 +292,10 @@ def test_wandb_offline_run_has_curves_and_config_and_no_api_key(data_root, tmp_p
     secret = "zsharp-test-key-0123456789abcdef0123456789abcdef01234567"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     environment |= {"WANDB_API_KEY": secret, "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "zsharp.cli",
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "resnet20",
-        "--optimizer",
-        "fsam",
-        "--seed",
-        "1",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "256",
-        "--out",
-        str(tmp_path),
-        "--data-root",
-        str(data_root),
-        "--wandb-project",
-        "zsharp-tests",
-    ]
+    cmd = train_command(
+        tmp_path, data_root, "--dataset", "digits", "--model", "resnet20", "--optimizer", "fsam",
+        "--seed", "1", "--epochs", "2", "--batch-size", "256", "--wandb-project", "zsharp-tests",
+    )  # fmt: skip
     result = subprocess.run(
         cmd, env=environment, capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
@@ -395,22 +356,9 @@ def test_evaluate_unfinished_cell_names_the_file(tmp_path, capsys) -> None:
 def test_digits_defaults_pass_90_percent(data_root, tmp_path) -> None:
     """The issue's acceptance run: `zsharp train --dataset digits --model resnet20
     --optimizer zsharp` with the digits defaults (15 epochs, about a minute on 2 cores)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "zsharp.cli",
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "resnet20",
-        "--optimizer",
-        "zsharp",
-        "--out",
-        str(tmp_path),
-        "--data-root",
-        str(data_root),
-    ]
+    cmd = train_command(
+        tmp_path, data_root, "--dataset", "digits", "--model", "resnet20", "--optimizer", "zsharp"
+    )
     result = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())

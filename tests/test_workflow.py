@@ -15,10 +15,10 @@ from PIL import Image
 
 from tests.workflow_helpers import (
     REPO,
-    SNAKEFILE,
     environment,
     mtimes,
     snakemake,
+    snakemake_command,
     tiny_config,
     write_config,
 )
@@ -151,17 +151,7 @@ def test_keep_going_shows_a_failed_cell_and_retry_failed_retries_it(tmp_path: Pa
 def test_killed_workflow_continues_and_training_resumes(tmp_path: Path) -> None:
     config = tiny_config(optimizers={"zsharp": {}}, train={"epochs": 4, "batch_size": 64})
     path = write_config(tmp_path, config)
-    command = [
-        "snakemake",
-        "-s",
-        str(SNAKEFILE),
-        "-d",
-        str(tmp_path),
-        "--configfile",
-        str(path),
-        "--cores",
-        "2",
-    ]
+    command = snakemake_command(tmp_path, "--cores", "2", config=path)
     process = subprocess.Popen(
         command,
         env=environment(),

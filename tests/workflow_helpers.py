@@ -52,15 +52,8 @@ def write_config(directory: Path, config: dict[str, Any], name: str = "config.ya
     return path
 
 
-def snakemake(
-    directory: Path,
-    *args: str,
-    config: Path | None = None,
-    timeout: float = 900,
-    check: bool = True,
-    extra_env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """``snakemake -s <repo>/Snakefile -d <directory> ...`` as a subprocess."""
+def snakemake_command(directory: Path, *args: str, config: Path | None = None) -> list[str]:
+    """``snakemake -s <repo>/Snakefile -d <directory> [--configfile CONFIG] ARGS``."""
     command = [
         str(Path(sys.executable).parent / "snakemake"),
         "-s",
@@ -70,8 +63,21 @@ def snakemake(
     ]
     if config is not None:
         command += ["--configfile", str(config)]
+    return [*command, *args]
+
+
+def snakemake(
+    directory: Path,
+    *args: str,
+    config: Path | None = None,
+    timeout: float = 900,
+    check: bool = True,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run :func:`snakemake_command` as a subprocess; fail with its output unless ``check``
+    is off."""
     result = subprocess.run(
-        [*command, *args],
+        snakemake_command(directory, *args, config=config),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -278,6 +278,7 @@ def plot_accuracy_vs_sharpness(seeds: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     markers = "osD^v<>P*X"
     groups = list(dict.fromkeys(zip(ok["dataset"], ok["model"], strict=True)))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(ok["optimizer"].unique())}
     for optimizer, group in ok.groupby("optimizer", sort=False):
         for j, (dataset, model) in enumerate(groups):
             part = group[(group["dataset"] == dataset) & (group["model"] == model)]
@@ -287,7 +288,7 @@ def plot_accuracy_vs_sharpness(seeds: pd.DataFrame, path: Path) -> None:
                 part["sharpness"].clip(lower=1e-6),
                 part["final_test_acc"] * 100,
                 marker=markers[j % len(markers)],
-                color=f"C{list(ok['optimizer'].unique()).index(optimizer) % 10}",
+                color=colors[optimizer],
                 label=f"{optimizer} ({dataset}/{model})" if len(groups) > 1 else optimizer,
             )
     ax.set_xscale("log")

@@ -143,6 +143,15 @@ def _add_cell_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_data_and_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", type=Path, default=Path("data"))
+    parser.add_argument(
+        "--device",
+        default=os.environ.get("ZSHARP_DEVICE", "auto"),
+        help="auto, cpu, cuda, cuda:1, … (default: $ZSHARP_DEVICE, else auto)",
+    )
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -197,13 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cell_arguments(train)
     run = train.add_argument_group("runtime")
     run.add_argument("--out", type=Path, required=True, help="the cell directory")
-    run.add_argument("--data-root", type=Path, default=Path("data"))
+    _add_data_and_device_arguments(run)
     run.add_argument("--checkpoint", type=Path, default=None, help="default: <out>/checkpoint.pt")
-    run.add_argument(
-        "--device",
-        default=os.environ.get("ZSHARP_DEVICE", "auto"),
-        help="auto, cpu, cuda, cuda:1, … (default: $ZSHARP_DEVICE, else auto)",
-    )
     run.add_argument(
         "--amp",
         choices=AMP_MODES,
@@ -246,12 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the training split (BatchNorm in eval mode). Writes CELL/eval.json.",
     )
     evaluate.add_argument("--cell", type=Path, required=True, help="a trained cell directory")
-    evaluate.add_argument("--data-root", type=Path, default=Path("data"))
-    evaluate.add_argument(
-        "--device",
-        default=os.environ.get("ZSHARP_DEVICE", "auto"),
-        help="default: $ZSHARP_DEVICE, else auto",
-    )
+    _add_data_and_device_arguments(evaluate)
     evaluate.add_argument(
         "--hessian-samples", type=int, default=1024, help="training images in the fixed subset"
     )

@@ -21,11 +21,10 @@ from torch.nn import functional as F
 
 from zsharp import __version__, checkpoint
 from zsharp.config import ConfigError, from_dict
-from zsharp.data.loader import eval_loader
+from zsharp.data.loader import DeviceLoader, eval_loader
 from zsharp.metrics import evaluate, expected_calibration_error, hessian_top_eigenvalue
-from zsharp.models import build_model
 from zsharp.tracking import Tracker
-from zsharp.train import load_data, select_device
+from zsharp.train import build_cell_model, load_data, select_device
 
 
 @dataclass
@@ -67,13 +66,7 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     cfg = from_dict(summary["config"])
     device = select_device(options.device)
     data = load_data(cfg, options.data_root)
-    model = build_model(
-        cfg.model,
-        num_classes=data.num_classes,
-        image_size=data.image_size,
-        in_channels=data.channels,
-        **cfg.model_args,
-    )
+    model = build_cell_model(cfg, data)
     model.load_state_dict(checkpoint.load(cell / "model.pt"))
     model.to(device).eval()
 
@@ -83,10 +76,18 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     n = min(options.hessian_samples, len(data.train_y))
     subset = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:n]
     subset = subset.sort().values
-    train = eval_loader(data, options.hessian_batch_size, device=device, split="train")
-    batches = []
-    for x, y in _subset_batches(train, subset, options.hessian_batch_size):
-        batches.append((x, y))
+    # only the subset goes to the device, not the whole training split
+    batches = list(
+        DeviceLoader(
+            data.train_x[subset],
+            data.train_y[subset],
+            batch_size=options.hessian_batch_size,
+            mean=data.mean,
+            std=data.std,
+            shuffle=False,
+            device=device,
+        )
+    )
     sharpness, products = hessian_top_eigenvalue(
         model,
         F.cross_entropy,
@@ -122,9 +123,3 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     tracker.finish()
     checkpoint.write_json(cell / "eval.json", result)
     return result
-
-
-def _subset_batches(loader, subset: torch.Tensor, batch_size: int):  # type: ignore[no-untyped-def]
-    """Normalised, unaugmented batches of the samples ``subset`` of ``loader``'s split."""
-    for start in range(0, len(subset), batch_size):
-        yield loader.take(subset[start : start + batch_size])

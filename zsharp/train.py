@@ -94,6 +94,17 @@ def load_data(cfg: CellConfig, root: Path) -> Prepared:
         return load_prepared(cfg.dataset, root)
 
 
+def build_cell_model(cfg: CellConfig, data: Prepared) -> torch.nn.Module:
+    """The cell's model, shaped for its dataset (classes, image size, channels)."""
+    return build_model(
+        cfg.model,
+        num_classes=data.num_classes,
+        image_size=data.image_size,
+        in_channels=data.channels,
+        **cfg.model_args,
+    )
+
+
 class StopSignals:
     """Records SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
 
@@ -143,13 +154,7 @@ class CellTrainer:
         self.data = load_data(cfg, rt.data_root)
         cuda = self.device.type == "cuda"
         self._seed_everything(cfg.seed)
-        model = build_model(
-            cfg.model,
-            num_classes=self.data.num_classes,
-            image_size=self.data.image_size,
-            in_channels=self.data.channels,
-            **cfg.model_args,
-        ).to(self.device)
+        model = build_cell_model(cfg, self.data).to(self.device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -266,13 +271,14 @@ class CellTrainer:
             with disable_running_stats(self.model):
                 self._backward(self._loss(x, y)[0])
             self.optimizer.second_step(zero_grad=True, grad_scaler=self.scaler)
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
         else:
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss.detach().float(), (logits.argmax(dim=1) == y).sum()
 

@@ -43,18 +43,7 @@ if ! command -v dockerd >/dev/null; then
   if [[ -n ${DOCKER_CI_NO_INSTALL:-} ]]; then log "dockerd missing and DOCKER_CI_NO_INSTALL set"; exit 3; fi
   log "installing docker.io with apt-get"
   t=$(date +%s)
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  own_policy=0
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    # policy-rc.d exit 101: the package must not try to start the service itself
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    own_policy=1
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-  fi
-  apt-get install -y -qq --no-install-recommends docker.io >/dev/null
-  if (( own_policy )); then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+  bash "$(dirname "${BASH_SOURCE[0]}")/../apt-install.sh" docker.io
   log "apt-get took $(( $(date +%s) - t )) s"
 fi
 

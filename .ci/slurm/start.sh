@@ -52,18 +52,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
   fi
   log "installing slurm-wlm and munge with apt-get"
   t=$(date +%s)
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # policy-rc.d exit 101: the packages must not try to start their services
-  own_policy=0
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    own_policy=1
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-  fi
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
-  if (( own_policy )); then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+  bash "$(dirname "${BASH_SOURCE[0]}")/../apt-install.sh" slurm-wlm munge
   log "apt-get took $(( $(date +%s) - t )) s"
 fi
 

@@ -217,13 +217,6 @@ class DeviceLoader:
         for first in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
             yield self._batch(plan, slice(first, first + self.batch_size))
 
-    def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples ``indices`` of the split, normalised, never augmented."""
-        index = indices.to(self.device)
-        return self._normalise(self.images.index_select(0, index)), self.labels.index_select(
-            0, index
-        )
-
     def _batch(self, plan: EpochPlan, window: slice) -> tuple[torch.Tensor, torch.Tensor]:
         index = plan.order[window]
         x = self.images.index_select(0, index)

@@ -101,6 +101,11 @@ def _scale_(tensors: list[Tensor], factor: Tensor) -> None:
         torch._foreach_mul_(group, factor.to(device, dtype))
 
 
+def _active(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    """The scaler if it scales at all (a disabled GradScaler is a no-op)."""
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 class _Group:
     """The tensors of one param group that take part in a step (those with a gradient)."""
 
@@ -227,7 +232,7 @@ class SAM(Optimizer):
         """
         if self._saved_weights is not None:
             raise RuntimeError("first_step() called twice: call second_step() in between")
-        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        scaler = _active(grad_scaler)
         if scaler is not None:
             scaler.unscale_(self)  # its own record, apart from the base optimizer's
         groups = [_Group(group) for group in self.param_groups]
@@ -241,8 +246,9 @@ class SAM(Optimizer):
         self._set_directions(groups)
         epsilon = self._epsilon(groups, device)
         if self._finite is not None:
+            overflow = self._finite.logical_not()
             for e in epsilon:  # overflow: no perturbation (NaN·0 is NaN, hence masked_fill)
-                e.masked_fill_(self._finite.logical_not().to(e.device), 0.0)
+                e.masked_fill_(overflow.to(e.device), 0.0)
         # Only now, with the temporaries of ε freed, is w copied: that keeps the peak at
         # w, g, ε and the copy, as for plain SAM.
         self._saved_weights = torch._foreach_mul(params, 1.0)  # exact copy, -0.0 kept
@@ -264,7 +270,7 @@ class SAM(Optimizer):
             raise RuntimeError("second_step() called without first_step()")
         torch._foreach_copy_(self._perturbed_params, self._saved_weights)
         self._saved_weights, self._perturbed_params = None, []
-        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        scaler = _active(grad_scaler)
         if scaler is not None:
             self._forward_first_pass_overflow()
             scaler.step(self.base_optimizer)
