@@ -136,3 +136,20 @@ def cifar_resnet(
 ) -> CifarResNet:
     """Build ResNet-``depth`` for CIFAR-sized images (He et al. 2016)."""
     return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels, shortcut=shortcut)
+
+
+def _builder(depth: int):  # type: ignore[no-untyped-def]
+    def build(
+        num_classes: int, image_size: int, in_channels: int = 3, shortcut: Shortcut = "A"
+    ) -> CifarResNet:
+        return cifar_resnet(depth, num_classes, in_channels, shortcut)
+
+    build.__name__ = build.__qualname__ = f"resnet{depth}"
+    build.__doc__ = f"CIFAR ResNet-{depth} (the registry's builder; image_size is not used)."
+    return build
+
+
+resnet20 = _builder(20)
+resnet32 = _builder(32)
+resnet56 = _builder(56)
+resnet110 = _builder(110)

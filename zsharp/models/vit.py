@@ -165,3 +165,22 @@ class ViT(nn.Module):
         tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
         tokens = self.encoder(tokens)
         return self.head(tokens[:, 0])
+
+
+def vit(
+    num_classes: int,
+    image_size: int,
+    in_channels: int = 3,
+    patch_size: int | None = None,
+    dropout: float = 0.0,
+    reference_quirks: bool = True,
+) -> ViT:
+    """The paper's ViT with the options the registry exposes (the encoder's shape fixed)."""
+    return ViT(
+        num_classes,
+        image_size,
+        in_channels,
+        patch_size=patch_size,
+        dropout=dropout,
+        reference_quirks=reference_quirks,
+    )

@@ -96,6 +96,8 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
-def wrn28_10(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
+def wrn28_10(
+    num_classes: int, image_size: int = 32, in_channels: int = 3, dropout: float = 0.0
+) -> WideResNet:
     """WRN-28-10 (Zagoruyko & Komodakis 2016)."""
     return WideResNet(28, 10, num_classes=num_classes, in_channels=in_channels, dropout=dropout)
