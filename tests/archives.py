@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import io
 import pickle
+import struct
 import tarfile
 import threading
 import zipfile
@@ -33,6 +34,7 @@ __all__ = [
     "make_svhn",
     "make_tiny_imagenet",
     "md5_of",
+    "replace_tar_member",
     "serve_directory",
     "truncated_copy",
 ]
@@ -103,10 +105,40 @@ def _images(rng: np.random.Generator, n: int, channels: int = 3, size: int = 32)
 # --------------------------------------------------------------------------- CIFAR
 
 
+class _Python2Pickler(pickle._Pickler):  # type: ignore[name-defined]  # the pure-Python one
+    """Writes a protocol-2 pickle as Python 2's cPickle wrote the upstream CIFAR batches.
+
+    Every ``str`` and ``bytes`` becomes a Python 2 ``str`` (the BINSTRING opcodes, where
+    Python 3 would write BINUNICODE or a ``_codecs.encode`` call), and numpy lives under
+    ``numpy.core``. Python 3 reads those strings back as bytes with ``encoding="bytes"`` (our
+    parser) and as str with ``encoding="latin1"`` (torchvision's), exactly as it reads the
+    real files; a plain ``pickle.dumps`` would give bytes keys under both and torchvision's
+    reader would not find ``"data"``.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def _save_python2_str(self, obj: str | bytes) -> None:
+        data = obj if isinstance(obj, bytes) else obj.encode("latin-1")
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_python2_str
+    dispatch[str] = _save_python2_str
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")  # numpy 1.x's name
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
 def _pickle_py2_style(obj: dict[bytes, Any]) -> bytes:
-    # The upstream batches are Python 2 protocol-2 pickles whose str keys load as bytes
-    # under encoding="bytes"; bytes keys written by Python 3 load the same way.
-    return pickle.dumps(obj, protocol=2)
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -348,6 +380,25 @@ def truncated_copy(path: Path, directory: Path, fraction: float = 0.6) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / path.name
     target.write_bytes(data[: int(len(data) * fraction)])
+    return target
+
+
+def replace_tar_member(path: Path, directory: Path, member: str, data: bytes) -> Path:
+    """Copy the .tar.gz ``path`` into ``directory`` with ``member``'s bytes replaced by ``data``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / path.name
+    found = False
+    with tarfile.open(path, "r:gz") as src, tarfile.open(target, "w:gz") as dst:
+        for info in src:
+            if info.name == member:
+                found = True
+                _add_bytes(dst, member, data)
+            elif info.isfile():
+                dst.addfile(info, src.extractfile(info))
+            else:
+                dst.addfile(info)
+    if not found:
+        raise KeyError(f"{path}: no member {member}")
     return target
 
 

@@ -1,4 +1,4 @@
-"""zsharp.data: download-and-prepare on tiny upstream-format archives, and the DeviceLoader.
+"""zsharp.data: the registry, download-and-prepare on tiny upstream-format archives, loaders.
 
 No test touches the internet: archives are built by ``tests/archives.py`` and served from a
 file path, a ``file://`` URL or an HTTP server on 127.0.0.1 run by the test itself.
@@ -6,23 +6,36 @@ file path, a ``file://`` URL or an HTTP server on 127.0.0.1 run by the test itse
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import os
+import pickle
+import re
+import subprocess
+import sys
 import urllib.request
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets as tvd
 from scipy.io import loadmat
 from torchvision.transforms.v2 import functional as tvf
 
+import zsharp.data
 from tests.archives import (
     Archive,
     make_archive,
     make_cifar10,
     make_svhn,
     make_tiny_imagenet,
+    md5_of,
+    replace_tar_member,
     serve_directory,
     truncated_copy,
 )
@@ -32,15 +45,19 @@ from zsharp.data import (
     CorruptArchiveError,
     DatasetError,
     DatasetNotReadyError,
+    DatasetSpec,
     DeviceLoader,
+    RemoteFile,
     crop_flip,
     download_dataset,
     embedded_digits,
     eval_loader,
+    get_spec,
     load_prepared,
+    register_dataset,
     train_loader,
 )
-from zsharp.data.prepared import channel_stats
+from zsharp.data.prepared import Staging, channel_stats
 
 NETWORK_DATASETS = ["cifar10", "cifar100", "svhn", "tiny-imagenet"]
 SPLIT_KEYS = ("train_x", "train_y", "test_x", "test_y")
@@ -152,7 +169,7 @@ def test_wrong_checksum_rejected_and_nothing_published(tmp_path: Path) -> None:
         # No md5 override: the real published CIFAR-10 checksum applies and must fail.
         download_dataset("cifar10", tmp_path / "root", archive.path)
     _assert_one_line_naming(info.value, "cifar-10-python.tar.gz")
-    assert "c58f30108f718f92721af3b95e74349a" in str(info.value)
+    assert tvd.CIFAR10.tgz_md5 in str(info.value)
     _assert_nothing_published(tmp_path / "root" / "cifar10")
     assert archive.path.exists()  # a user's own file is never deleted
 
@@ -262,6 +279,32 @@ def test_digits_offline(tmp_path: Path, no_network: None) -> None:
         download_dataset("digits", tmp_path / "other", "http://127.0.0.1:9/x")
 
 
+def test_tampered_cifar_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
+    """torchvision's CIFAR10 uses plain pickle.load; ours must not run a tampered batch."""
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    archive = make_cifar10(tmp_path / "upstream")
+    evil = replace_tar_member(
+        archive.path,
+        tmp_path / "evil",
+        "cifar-10-batches-py/data_batch_1",
+        pickle.dumps({b"data": Payload()}, protocol=2),
+    )
+    with pytest.raises(CorruptArchiveError, match=r"refusing to unpickle global") as info:
+        download_dataset("cifar10", tmp_path / "root", evil, verify=False)
+    _assert_one_line_naming(info.value, "cifar-10-python.tar.gz")
+    assert not marker.exists()
+    _assert_nothing_published(tmp_path / "root" / "cifar10")
+    # With verification (the default) the md5 refuses it before any byte is unpickled.
+    with pytest.raises(ChecksumError):
+        download_dataset("cifar10", tmp_path / "root", evil, md5=archive.md5)
+    assert not marker.exists()
+
+
 def test_load_unprepared_tells_how_to_download(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotReadyError, match=r"zsharp download cifar100 --root "):
         load_prepared("cifar100", tmp_path)
@@ -272,6 +315,257 @@ def test_bad_arguments(tmp_path: Path) -> None:
         download_dataset("mnist", tmp_path)
     with pytest.raises(ValueError, match="not a cifar10 file"):
         download_dataset("cifar10", tmp_path, tmp_path, md5={"train_32x32.mat": "0" * 32})
+
+
+# --------------------------------------------------------------------------- registry
+
+# Tiny-ImageNet has no torchvision class. The URL and md5 that well-kept loaders publish:
+# ContinualAI/avalanche, avalanche/benchmarks/datasets/tiny_imagenet/tiny_imagenet.py
+# (TinyImagenet.filename, .md5) and ENSTA-U2IS-AI/torch-uncertainty,
+# torch_uncertainty/datasets/classification/imagenet/tiny_imagenet.py (TinyImageNet.url,
+# .tgz_md5). Held here, not imported from the registry, so the test compares two sources.
+PUBLISHED_TINY_IMAGENET = RemoteFile(
+    "tiny-imagenet-200.zip",
+    "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+    "90528d7ca1a48142e341f4ef8d21d0de",
+)
+# Every remote constant zsharp.data may hold, with the authority it was checked against.
+HELD_CONSTANTS = {"tiny-imagenet": (PUBLISHED_TINY_IMAGENET,)}
+
+
+def _torchvision_files(name: str) -> tuple[RemoteFile, ...]:
+    """The authority for the datasets torchvision has, read straight off its classes."""
+    if name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        return (RemoteFile(cls.filename, cls.url, cls.tgz_md5),)
+    assert name == "svhn"
+    return tuple(
+        RemoteFile(filename, url, md5)
+        for url, filename, md5 in (tvd.SVHN.split_list[s] for s in ("train", "test"))
+    )
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
+def test_torchvision_datasets_take_their_constants_from_torchvision(name: str) -> None:
+    spec = get_spec(name)
+    assert spec.files == () and spec.files_from is not None  # no copy held to drift
+    assert spec.remote_files() == _torchvision_files(name)
+
+
+def test_svhn_test_checksum_is_the_published_one() -> None:
+    """Issue 16: the registry once held eb5a983be6a315427106f7b3d7f46d6c, a typo."""
+    test_file = get_spec("svhn").remote_files()[1]
+    assert test_file.filename == "test_32x32.mat"
+    assert test_file.md5 == "eb5a983be6a315427106f1b164d9cef3"
+
+
+def test_every_held_remote_constant_matches_its_authority() -> None:
+    held = {name: spec.files for name, spec in DATASETS.items() if spec.files}
+    assert held == HELD_CONSTANTS
+    # No md5 or URL is written anywhere else in zsharp.data (a copied torchvision value
+    # would show up here), so the registry entries above are all there is to check.
+    authority = {f.md5 for files in HELD_CONSTANTS.values() for f in files}
+    authority |= {f.url for files in HELD_CONSTANTS.values() for f in files}
+    package = Path(zsharp.data.__file__).parent
+    literals = re.compile(r"\b[0-9a-f]{32}\b|[a-z]+://[^\s'\"`]+")
+    for path in sorted(package.glob("*.py")):
+        found = set(literals.findall(path.read_text()))
+        assert found <= authority, f"{path.name} holds {sorted(found - authority)}"
+
+
+def test_registry_imports_without_torch() -> None:
+    code = (
+        "import sys, zsharp.data.registry\n"
+        "from zsharp.data import DATASETS, get_spec, register_dataset\n"
+        "assert get_spec('Tiny_ImageNet').defaults['epochs'] == 200\n"
+        "assert get_spec('svhn').needs_network and not get_spec('digits').needs_network\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
+def test_torchvision_path_serves_the_test_archives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Point torchvision's own class at a test archive: it and we must read the same data.
+
+    With no ``source`` and no ``md5`` given, ``download_dataset`` must find the archive
+    through the patched torchvision class (its constants are read at run time, not copied);
+    torchvision's own download, md5 check, extraction and parser then read the same file,
+    which also checks that tests/archives.py writes the real upstream format.
+    """
+    archive = make_archive(name, tmp_path / "upstream")
+    splits: dict[str, Any] = {}
+    # Over HTTP: torchvision's downloader cannot read file:// URLs (no response.length).
+    with serve_directory(archive.directory) as base_url:
+        if name == "svhn":
+            table = {
+                split: [base_url + f"{split}_32x32.mat", f"{split}_32x32.mat", archive.md5[f]]
+                for split in ("train", "test")
+                for f in [f"{split}_32x32.mat"]
+            }
+            monkeypatch.setattr(tvd.SVHN, "split_list", table)
+            for split in ("train", "test"):
+                theirs = tvd.SVHN(tmp_path / "tv", split=split, download=True)
+                splits[split] = (theirs.data, theirs.labels)
+        else:
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            monkeypatch.setattr(cls, "url", base_url + archive.path.name)
+            monkeypatch.setattr(cls, "tgz_md5", archive.md5[archive.path.name])
+            # torchvision also checks each extracted batch against the real batches' md5s,
+            # which a tiny archive cannot match: keep only its check that the batch exists.
+            for attr in ("train_list", "test_list"):
+                monkeypatch.setattr(cls, attr, [[f, None] for f, _ in getattr(cls, attr)])
+            monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": None})
+            for split in ("train", "test"):
+                theirs = cls(tmp_path / "tv", train=split == "train", download=True)
+                # torchvision returns N×H×W×C; the prepared arrays are N×C×H×W.
+                splits[split] = (theirs.data.transpose(0, 3, 1, 2), theirs.targets)
+            assert theirs.classes == archive.class_names
+        out = download_dataset(name, tmp_path / "root", progress=False)
+    ours = load_prepared(name, out.parent)
+    for split, (x, y) in splits.items():
+        np.testing.assert_array_equal(getattr(ours, f"{split}_x").numpy(), x, split)
+        np.testing.assert_array_equal(getattr(ours, f"{split}_y").numpy(), np.asarray(y), split)
+        np.testing.assert_array_equal(x, getattr(archive, f"{split}_x"), split)
+    meta = json.loads((tmp_path / "root" / name / "meta.json").read_text())
+    assert meta["source"] == {"files": archive.md5, "verified": True, "origin": "upstream"}
+
+
+# A dataset defined entirely in test code: registering its spec is all it takes.
+
+
+def prepare_toy(files: Mapping[str, Path], stage: Staging) -> dict[str, Any]:
+    """Stage 12 train and 4 test 2×4×4 images whose pixels encode their index."""
+    assert files == {}
+    for split, n in (("train", 12), ("test", 4)):
+        x = np.arange(n * 32, dtype=np.int64).reshape(n, 2, 4, 4) % 256
+        stage.save(split, x.astype(np.uint8), np.arange(n) % 3)
+    return {"num_classes": 3, "class_names": ["a", "b", "c"], "label_mapping": "index mod 3"}
+
+
+def prepare_toy_npz(files: Mapping[str, Path], stage: Staging) -> dict[str, Any]:
+    """Stage the splits stored in the dataset's one upstream file, ``toy.npz``."""
+    with np.load(files["toy.npz"], allow_pickle=False) as arrays:
+        for split in ("train", "test"):
+            stage.save(split, arrays[f"{split}_x"], arrays[f"{split}_y"])
+    return {"num_classes": 3, "class_names": ["a", "b", "c"], "label_mapping": "as stored"}
+
+
+def _toy_spec(**changes: Any) -> DatasetSpec:
+    fields: dict[str, Any] = {
+        "name": "toy",
+        "num_classes": 3,
+        "image_size": 4,
+        "channels": 2,
+        "mean": (0.5, 0.5),
+        "std": (0.25, 0.25),
+        "prepare": "tests.test_data:prepare_toy",
+        "defaults": {"epochs": 2, "flip": False},
+        "aliases": ("toy_set",),
+    }
+    return DatasetSpec(**{**fields, **changes})
+
+
+@pytest.fixture
+def registered() -> Iterator[list[str]]:
+    """Names registered by the test; removed afterwards so no other test sees them."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        DATASETS.pop(name, None)
+
+
+def test_a_registered_dataset_without_files_downloads_and_loads(
+    tmp_path: Path, registered: list[str], no_network: None
+) -> None:
+    spec = register_dataset(_toy_spec())
+    registered.append(spec.name)
+    assert get_spec("TOY-SET") is spec and get_spec("toy") is spec
+    out = download_dataset("toy", tmp_path)
+    assert out == tmp_path / "toy" and (out / "READY").is_file()
+    data = load_prepared("toy_set", tmp_path)
+    expected = np.arange(12 * 32).reshape(12, 2, 4, 4) % 256
+    np.testing.assert_array_equal(data.train_x.numpy(), expected)
+    assert data.train_y.tolist() == [i % 3 for i in range(12)]
+    assert (data.num_classes, data.channels, data.image_size) == (3, 2, 4)
+    assert data.class_names == ("a", "b", "c") and data.meta["label_mapping"] == "index mod 3"
+    with pytest.raises(ValueError, match=r"toy has no remote files .* takes no source") as info:
+        download_dataset("toy", tmp_path / "other", tmp_path)
+    assert isinstance(info.value, DatasetError)  # so the command line prints one line
+    with pytest.raises(ValueError, match="not a toy file"):
+        download_dataset("toy", tmp_path / "other", md5={"toy.npz": "0" * 32})
+
+
+def test_a_registered_dataset_lists_its_own_remote_files(
+    tmp_path: Path, registered: list[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    upstream = tmp_path / "upstream" / "toy.npz"
+    upstream.parent.mkdir()
+    arrays = {
+        "train_x": rng.integers(0, 256, (6, 2, 4, 4), dtype=np.uint8),
+        "train_y": np.arange(6) % 3,
+        "test_x": rng.integers(0, 256, (3, 2, 4, 4), dtype=np.uint8),
+        "test_y": np.arange(3),
+    }
+    np.savez(upstream, **arrays)
+    with serve_directory(upstream.parent) as base_url:
+        dead_url = base_url + "toy.npz"  # the server is gone: refused, never the internet
+    published = RemoteFile("toy.npz", dead_url, md5_of(upstream))
+    spec = _toy_spec(files=(published,), prepare="tests.test_data:prepare_toy_npz", aliases=())
+    registered.append(register_dataset(spec).name)
+    with pytest.raises(DatasetError, match=f"could not download {re.escape(dead_url)}"):
+        download_dataset("toy", tmp_path / "root", progress=False)  # the published URL
+    _assert_nothing_published(tmp_path / "root" / "toy")
+    download_dataset("toy", tmp_path / "root", upstream.parent)  # a local mirror folder
+    data = load_prepared("toy", tmp_path / "root")
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(getattr(data, key).numpy(), value, key)
+    assert data.meta["source"]["files"] == {"toy.npz": published.md5}
+
+
+def test_register_dataset_refuses_duplicates_and_bad_specs(
+    tmp_path: Path, registered: list[str]
+) -> None:
+    with pytest.raises(ValueError, match="'cifar10' is already registered"):
+        register_dataset(_toy_spec(name="cifar10"))
+    with pytest.raises(ValueError, match="'tinyimagenet' is already registered"):
+        register_dataset(_toy_spec(aliases=("TinyImageNet",)))
+    assert "toy" not in DATASETS
+    with pytest.raises(ValueError, match="lower case"):
+        _toy_spec(name="Toy_Set")
+    with pytest.raises(ValueError, match="prepare must be 'module:function'"):
+        _toy_spec(prepare="tests.test_data.prepare_toy")
+    with pytest.raises(ValueError, match="not both"):
+        _toy_spec(files=(PUBLISHED_TINY_IMAGENET,), files_from="zsharp.data.formats:svhn_files")
+    registered.append(register_dataset(_toy_spec(prepare="tests.test_data:no_such")).name)
+    with pytest.raises(ImportError, match="has no 'no_such'"):
+        download_dataset("toy", tmp_path)
+    assert not (tmp_path / "toy").exists()  # refused before anything was staged
+
+
+def test_defaults_are_cell_settings_and_read_only() -> None:
+    from zsharp.config import CellConfig
+
+    settings = {f.name for f in dataclasses.fields(CellConfig)}
+    for spec in DATASETS.values():
+        assert set(spec.defaults) <= settings, spec.name
+    assert get_spec("svhn").defaults["flip"] is False  # a mirrored digit is another digit
+    assert get_spec("digits").defaults["epochs"] == 15
+    spec = get_spec("cifar10")
+    with pytest.raises(TypeError, match="read-only"):
+        spec.defaults["lr"] = 1.0  # type: ignore[index]
+    # Still a plain dict to json, pickle, copy and asdict (a MappingProxyType is not).
+    assert json.loads(json.dumps(spec.defaults)) == dict(spec.defaults)
+    assert pickle.loads(pickle.dumps(spec)) == spec == copy.deepcopy(spec)
+    assert dataclasses.asdict(spec)["defaults"] == dict(spec.defaults)
 
 
 # --------------------------------------------------------------------------- loader

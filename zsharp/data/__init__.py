@@ -14,19 +14,59 @@ Typical use::
 
 ``embedded_digits()`` gives a small real dataset (scikit-learn's digits) with no disk or
 network, for tests and smoke runs.
+
+The names are imported on first use (PEP 562), so ``zsharp.data.registry`` (and
+``from zsharp.data import DATASETS``) work without importing PyTorch: the workflow's dry run
+validates configs with the registry alone.
 """
 
-from zsharp.data.digits import embedded_digits
-from zsharp.data.download import download_dataset
-from zsharp.data.errors import (
-    ChecksumError,
-    CorruptArchiveError,
-    DatasetError,
-    DatasetNotReadyError,
-)
-from zsharp.data.loader import DeviceLoader, EpochPlan, crop_flip, eval_loader, train_loader
-from zsharp.data.prepared import Prepared, dataset_dir, is_ready, load_prepared
-from zsharp.data.registry import DATASETS, DatasetSpec, RemoteFile, get_spec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zsharp.data.digits import embedded_digits
+    from zsharp.data.download import download_dataset
+    from zsharp.data.errors import (
+        ChecksumError,
+        CorruptArchiveError,
+        DatasetError,
+        DatasetNotReadyError,
+    )
+    from zsharp.data.loader import DeviceLoader, EpochPlan, crop_flip, eval_loader, train_loader
+    from zsharp.data.prepared import Prepared, dataset_dir, is_ready, load_prepared
+    from zsharp.data.registry import (
+        DATASETS,
+        DatasetSpec,
+        RemoteFile,
+        get_spec,
+        register_dataset,
+    )
+
+# public name -> the submodule that defines it
+_SOURCES: dict[str, str] = {
+    "embedded_digits": "digits",
+    "download_dataset": "download",
+    "ChecksumError": "errors",
+    "CorruptArchiveError": "errors",
+    "DatasetError": "errors",
+    "DatasetNotReadyError": "errors",
+    "DeviceLoader": "loader",
+    "EpochPlan": "loader",
+    "crop_flip": "loader",
+    "eval_loader": "loader",
+    "train_loader": "loader",
+    "Prepared": "prepared",
+    "dataset_dir": "prepared",
+    "is_ready": "prepared",
+    "load_prepared": "prepared",
+    "DATASETS": "registry",
+    "DatasetSpec": "registry",
+    "RemoteFile": "registry",
+    "get_spec": "registry",
+    "register_dataset": "registry",
+}
 
 __all__ = [
     "DATASETS",
@@ -47,5 +87,21 @@ __all__ = [
     "get_spec",
     "is_ready",
     "load_prepared",
+    "register_dataset",
     "train_loader",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first access, then cache the value."""
+    try:
+        module = _SOURCES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

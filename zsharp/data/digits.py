@@ -9,7 +9,9 @@ scikit-learn's shuffling ever changed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,8 +89,12 @@ def _meta(arrays: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def prepare_digits(stage: Staging) -> dict[str, Any]:
-    """Stage the digits splits; return the metadata (the caller adds the name and commits)."""
+def prepare_digits(files: Mapping[str, Path], stage: Staging) -> dict[str, Any]:
+    """Stage the digits splits; return the metadata (the caller adds the name and commits).
+
+    The registry's ``prepare`` for ``digits``. ``files`` is empty: the data ships inside
+    scikit-learn, so there is nothing to fetch.
+    """
     arrays = digits_arrays()
     for split in ("train", "test"):
         stage.save(split, arrays[f"{split}_x"], arrays[f"{split}_y"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumError",
     "CorruptArchiveError",
+    "DatasetArgumentError",
     "DatasetError",
     "DatasetNotReadyError",
     "one_line",
@@ -21,6 +22,14 @@ class ChecksumError(DatasetError):
 
 class CorruptArchiveError(DatasetError):
     """An archive could not be read: truncated, corrupt, or not in the upstream layout."""
+
+
+class DatasetArgumentError(DatasetError, ValueError):
+    """A ``source`` or ``md5`` argument that cannot apply to the dataset.
+
+    A ``ValueError`` for library callers, and a ``DatasetError`` so that the command line
+    reports it in one line like the other dataset errors.
+    """
 
 
 class DatasetNotReadyError(DatasetError):

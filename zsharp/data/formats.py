@@ -1,9 +1,27 @@
-"""Parsers for the upstream archive formats, writing into a :class:`~zsharp.data.prepared.Staging`.
+"""The upstream files and archive formats of the built-in image datasets.
 
-Each parser takes ``{upstream file name: local path}`` and a staging area, stages the
-``train`` and ``test`` splits as uint8 N×C×H×W images plus int64 labels, and returns the
-metadata that only it knows (class names, how labels were assigned). Any failure to read a
-file becomes one :class:`~zsharp.data.errors.CorruptArchiveError` naming that file.
+Each ``parse_*`` function is a registry ``prepare`` function: it takes ``{upstream file
+name: local path}`` and a staging area, stages the ``train`` and ``test`` splits as uint8
+N×C×H×W images plus int64 labels, and returns the metadata that only it knows (class names,
+how labels were assigned). Any failure to read a file becomes one
+:class:`~zsharp.data.errors.CorruptArchiveError` naming that file.
+
+Where torchvision has the dataset (CIFAR-10, CIFAR-100, SVHN), the ``*_files`` functions
+read every URL, file name and md5 from its dataset classes at run time, so there is no copy
+of them here to drift. The fetching and the parsing stay ours, for what torchvision's
+classes do not do (tried with torchvision 0.29.1 on the test archives):
+
+* atomic downloads (``.part`` then rename) that detect a connection closed early:
+  ``torchvision.datasets.utils.download_url`` from a server that stops 100 bytes short
+  raises nothing and keeps the 98,408 of 98,508 bytes under the final name (with an md5 it
+  raises "File not found or corrupted." and still leaves the truncated file there);
+* ``--source`` mirrors, local files and ``file://`` URLs (the classes only know their own
+  URL, and their downloader fails on ``file://``: it reads ``response.length``);
+* one-line errors that name the file;
+* a pickle reader that refuses anything but arrays: torchvision's CIFAR10 uses plain
+  ``pickle.load``, and a tampered batch ran its ``os.system`` payload when loaded;
+* one pass over each file: the md5 is computed while downloading (torchvision reads the
+  file again to check it).
 """
 
 from __future__ import annotations
@@ -12,7 +30,7 @@ import io
 import pickle
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from operator import itemgetter
 from pathlib import Path
@@ -22,10 +40,48 @@ import numpy as np
 
 from zsharp.data.errors import CorruptArchiveError, DatasetError, one_line
 from zsharp.data.prepared import Staging
+from zsharp.data.registry import RemoteFile
 
-__all__ = ["PARSERS", "parse_cifar10", "parse_cifar100", "parse_svhn", "parse_tiny_imagenet"]
+__all__ = [
+    "cifar10_files",
+    "cifar100_files",
+    "parse_cifar10",
+    "parse_cifar100",
+    "parse_svhn",
+    "parse_tiny_imagenet",
+    "svhn_files",
+]
 
-Parser = Callable[[Mapping[str, Path], Staging], dict[str, Any]]
+# SVHN's splits we prepare ("extra", 531,131 more train images, is not used).
+SVHN_SPLITS = ("train", "test")
+
+
+# --------------------------------------------------------------------------- upstream files
+
+
+def cifar10_files() -> tuple[RemoteFile, ...]:
+    """CIFAR-10's archive as ``torchvision.datasets.CIFAR10`` publishes it."""
+    from torchvision.datasets import CIFAR10
+
+    return (RemoteFile(CIFAR10.filename, CIFAR10.url, CIFAR10.tgz_md5),)
+
+
+def cifar100_files() -> tuple[RemoteFile, ...]:
+    """CIFAR-100's archive as ``torchvision.datasets.CIFAR100`` publishes it."""
+    from torchvision.datasets import CIFAR100
+
+    return (RemoteFile(CIFAR100.filename, CIFAR100.url, CIFAR100.tgz_md5),)
+
+
+def svhn_files() -> tuple[RemoteFile, ...]:
+    """SVHN's train and test ``.mat`` files as ``torchvision.datasets.SVHN`` publishes them."""
+    from torchvision.datasets import SVHN
+
+    files = []
+    for split in SVHN_SPLITS:
+        url, filename, md5 = SVHN.split_list[split]
+        files.append(RemoteFile(filename, url, md5))
+    return tuple(files)
 
 
 @contextmanager
@@ -192,7 +248,7 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def parse_svhn(files: Mapping[str, Path], stage: Staging) -> dict[str, Any]:
     """SVHN's ``train_32x32.mat`` and ``test_32x32.mat`` (label 10 becomes 0)."""
-    for split in ("train", "test"):
+    for split in SVHN_SPLITS:
         path = files[f"{split}_32x32.mat"]
         x, y = _read_svhn_mat(path)
         _check_labels(path, y, 10)
@@ -294,11 +350,3 @@ def parse_tiny_imagenet(files: Mapping[str, Path], stage: Staging) -> dict[str, 
         "label_mapping": "index of the wnid in sorted(wnids.txt) (ImageFolder order); test "
         "split = upstream val, labelled by val/val_annotations.txt",
     }
-
-
-PARSERS: dict[str, Parser] = {
-    "cifar10": parse_cifar10,
-    "cifar100": parse_cifar100,
-    "svhn": parse_svhn,
-    "tiny-imagenet": parse_tiny_imagenet,
-}
