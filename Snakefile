@@ -11,6 +11,12 @@ min_version("9.0")
 
 
 include: "workflow/rules/common.smk"
+
+
+# every job runs in this image under --sdm apptainer (or docker through Snakemake)
+container: C["container"]
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
@@ -22,5 +28,5 @@ report: "workflow/report/workflow.rst"
 
 rule all:
     input:
-        AGGREGATE_OUTPUTS,
+        rules.aggregate.output,
     default_target: True

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine
 
-from zsharp.checkpoint import write_json
+from zsharp.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 

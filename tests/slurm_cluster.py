@@ -20,9 +20,9 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.workflow_helpers import REPO
+
 START_SCRIPT = REPO / ".ci" / "slurm" / "start.sh"
 STOP_SCRIPT = REPO / ".ci" / "slurm" / "stop.sh"
 PARTITION = "debug"

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.workflow_helpers import REPO
+
 README = (REPO / "README.md").read_text()
 
 
@@ -34,3 +35,13 @@ def test_ci_runs_the_readme_test_command() -> None:
         if line.strip() and not line.strip().startswith("#")
     ]
     assert ci[-1] == command == "pytest"
+
+
+def test_generated_tables_are_current() -> None:
+    """The README's registry tables and config/README.md are what `python -m zsharp.docs`
+    writes from the registries and the schema (run it after changing a registry)."""
+    from zsharp.docs import config_reference, render_readme
+
+    assert render_readme(README) == README, "run: python -m zsharp.docs"
+    assert "<!-- generated: optimizers -->" in README and "<!-- generated: models -->" in README
+    assert (REPO / "config" / "README.md").read_text() == config_reference()

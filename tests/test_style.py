@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.workflow_helpers import REPO
+
 RUFF = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
 
 

@@ -79,11 +79,6 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, data_root) -> Path:
     """The uninterrupted run every fault test is compared with."""
     out = tmp_path_factory.mktemp("reference")
@@ -101,7 +96,11 @@ def test_cell_outputs(reference_run: Path) -> None:
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["config"]["optimizer"] == "zsharp"
-    assert summary["config"]["opt_args"] == {"rho": 0.1}
+    # the resolved configuration: the optimizer's registry defaults filled in
+    assert summary["config"]["opt_args"] == {
+        "rho": 0.1, "adaptive": False, "eta": 0.0, "percentile": 95.0, "variant": "paper"
+    }  # fmt: skip
+    assert summary["label"] == "zsharp" and summary["status"] == "ok"
     assert summary["final"]["test_acc"] == records[-1]["test_acc"]
     assert summary["best"]["test_acc"] == max(r["test_acc"] for r in records)
     weights = checkpoint.load(reference_run / "model.pt")  # weights_only=True

@@ -1,4 +1,9 @@
-"""A catalogue of invalid workflow configs: each fails before any job, naming the key."""
+"""A catalogue of invalid workflow configs: each fails before any job, naming the key.
+
+The catalogue runs in-process through :func:`zsharp.grid.load_grid` (what the workflow's
+common.smk calls); the real ``snakemake`` proves the wiring once: an invalid config stops
+it with that one line and nothing created.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.workflow_helpers import snakemake, tiny_config, write_config
+from zsharp.grid import GridError, load_grid
 
 
 def _set(path: str, value: Any) -> dict[str, Any]:
@@ -85,12 +91,51 @@ CATALOGUE: list[tuple[str, dict[str, Any], str]] = [
         _set("overrides", [{"when": {"optimizer": "adam"}, "set": {"lr": 0.1}}]),
         "overrides.0.when.optimizer",
     ),
-]
+    ("infinite lr", _set("train.lr", float("inf")), "train.lr"),
+    ("NaN label smoothing", _set("train.label_smoothing", float("nan")), "train.label_smoothing"),
+    ("NaN percentile", _set("optimizers.zsharp.opt_args.percentile", float("nan")),
+     "optimizers.zsharp.opt_args.percentile"),
+    ("seed beyond numpy's range", _set("seeds", [2**32]), "seeds.0"),
+    ("float seed", _set("seeds", [0.0]), "seeds.0"),
+    ("lr as words", _set("train.lr", "fast"), "train.lr"),
+    ("ViT option on a ResNet", _set("models.resnet20", {"model_args": {"patch_size": 4}}),
+     "models.resnet20.model_args.patch_size"),
+    ("dropout 1", _set("models", {"wrn28_10": {"model_args": {"dropout": 1.0}}}),
+     "models.wrn28_10.model_args.dropout"),
+    ("another base's argument", _set("optimizers.sgd.opt_args", {"betas": [0.9, 0.99]}),
+     "optimizers.sgd.opt_args.betas"),
+    ("empty grid", {}, "datasets: required"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "config", "key"), CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_invalid_config_fails_before_any_job(
-    name: str, config: dict, key: str, tmp_path: Path
+def test_invalid_config_is_refused_naming_the_key(name: str, config: dict, key: str) -> None:
+    with pytest.raises(GridError) as error:
+        load_grid(copy.deepcopy(config))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(key), message
+
+
+@pytest.mark.parametrize("text", ["1e-3", "5E-4", "1.0e-3", "+2e-1"])
+def test_numbers_in_scientific_notation_are_numbers(text: str) -> None:
+    """YAML 1.1 reads `lr: 1e-3` as text; the grid reads it as the number it is."""
+    grid = load_grid(
+        _set("train.lr", text) | {"optimizers": {"zsharp": {"opt_args": {"rho": text}}}}
+    )
+    cell = grid.cells[0].config
+    assert cell.lr == float(text) and cell.opt_args["rho"] == float(text)
+    assert isinstance(cell.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [(_set("optimizers.zsharp.opt_args.percentile", 100), "optimizers.zsharp.opt_args.percentile"),
+     ({}, "(top level)")],
+    ids=["percentile 100", "a config file naming no grid"],
+)  # fmt: skip
+def test_snakemake_stops_on_an_invalid_config_before_any_job(
+    config: dict, key: str, tmp_path: Path
 ) -> None:
     path = write_config(tmp_path, copy.deepcopy(config))
     result = snakemake(tmp_path, "--cores", "1", config=path, check=False, timeout=120)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
-from zsharp.checkpoint import atomic_open
+from zsharp.atomic import atomic_open
+from zsharp.grid import comparison
 
 METRICS = (
     "final_test_acc",
@@ -48,21 +48,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def cell_identity(cell: Path, config: dict[str, Any]) -> tuple[str, str, str, int]:
-    """(dataset, model, optimizer entry, seed) of a cell directory.
-
-    The workflow's layout ``.../<dataset>/<model>/<entry>/seed<k>`` names the entry (two
-    entries may share one optimizer); any other directory is named by its configuration.
-    """
-    parts = cell.resolve().parts
-    layout = len(parts) >= 4 and re.fullmatch(r"seed\d+", parts[-1]) is not None
-    if layout and (
-        not config or (parts[-3], parts[-4]) == (config.get("model"), config.get("dataset"))
-    ):
-        return parts[-4], parts[-3], parts[-2], int(parts[-1].removeprefix("seed"))
-    if not config:
-        raise ValueError(f"{cell}: no summary.json and not laid out as DATASET/MODEL/ENTRY/seedN")
-    return config["dataset"], config["model"], config["optimizer"], int(config["seed"])
+def cell_identity(cell: Path, summary: dict[str, Any]) -> tuple[str, str, str, int]:
+    """(dataset, model, optimizer entry, seed) of a cell, as its summary records them: the
+    entry is the grid's label (two entries may share one optimizer), else the optimizer."""
+    config = summary.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{cell / 'summary.json'}: missing, or it records no configuration")
+    label = summary.get("label") or config["optimizer"]
+    return config["dataset"], config["model"], label, int(config["seed"])
 
 
 def seed_rows(cells: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -70,9 +63,9 @@ def seed_rows(cells: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, curves = [], []
     for cell in cells:
         cell = Path(cell)
-        summary = _read_json(cell / "summary.json") or {"status": "missing"}
+        summary = _read_json(cell / "summary.json") or {}
         evaluation = _read_json(cell / "eval.json") or {}
-        dataset, model, label, seed = cell_identity(cell, summary.get("config", {}))
+        dataset, model, label, seed = cell_identity(cell, summary)
         status = summary.get("status", "ok")
         row: dict[str, Any] = {
             "dataset": dataset, "model": model, "optimizer": label, "seed": seed,
@@ -315,30 +308,28 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 def aggregate(
     cells: Sequence[Path],
     out: Path,
-    baseline: str = "sam",
+    baseline: str | None = None,
     candidates: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write every output of the aggregate into ``out``; return the frames.
 
-    ``candidates`` default to every entry whose optimizer is a ZSharp variant.
+    The comparison is :func:`zsharp.grid.comparison`'s: by default every ZSharp entry
+    against ``baseline``.
     """
     seeds, curves = seed_rows(cells)
-    if candidates is None:
-        methods = seeds.drop_duplicates("optimizer").set_index("optimizer")["method"]
-        candidates = [
-            label for label, method in methods.items() if str(method).startswith("zsharp")
-        ]
+    entries = dict(zip(seeds["optimizer"], seeds["method"].astype(str), strict=True))
+    base, chosen = comparison(entries, baseline, None if candidates is None else list(candidates))
     table = cell_table(seeds)
-    comparison = paired_comparison(seeds, baseline, candidates)
+    comparison_frame = paired_comparison(seeds, base or baseline, chosen)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(seeds, out / "seeds.csv")
     _write_csv(table, out / "results.csv")
-    _write_csv(comparison, out / "comparison.csv")
+    _write_csv(comparison_frame, out / "comparison.csv")
     with atomic_open(out / "results.md") as handle:
-        handle.write(markdown(table, comparison, seeds))
+        handle.write(markdown(table, comparison_frame, seeds))
     plots = out / "plots"
     for dataset, model in dict.fromkeys(zip(seeds["dataset"], seeds["model"], strict=True)):
         plot_curves(curves, plots, dataset, model)
     plot_final_accuracy(table, plots / "final_accuracy.png")
     plot_accuracy_vs_sharpness(seeds, plots / "accuracy_vs_sharpness.png")
-    return {"seeds": seeds, "table": table, "comparison": comparison}
+    return {"seeds": seeds, "table": table, "comparison": comparison_frame}

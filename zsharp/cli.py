@@ -19,44 +19,41 @@ environment (the Snakemake workflow sets them from its config): ``ZSHARP_DEVICE`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import typing
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from zsharp import __version__
-from zsharp.catalog import DATASET_SHAPES, MODEL_OPTIONS, OPTIMIZERS
 from zsharp.config import (
     AMP_MODES,
-    DATASET_DEFAULTS,
-    SCHEDULES,
+    CELL_KEYS,
+    EVALUATE,
+    SETTINGS,
     WANDB_MODES,
-    CellConfig,
     ConfigError,
     Runtime,
-    cell_config,
+    from_dict,
 )
+from zsharp.data.registry import DATASETS
+from zsharp.models.registry import MODELS
+from zsharp.optim.args import Arg, as_number
+from zsharp.optim.registry import OPTIMIZERS
+from zsharp.plugins import PluginError, load_plugins
 
 EXIT_BAD_INPUT = 2
-_CELL_KEYS = ("dataset", "model", "optimizer")
 _MAPPING_FIELDS = {"opt_args": "--opt", "model_args": "--model-arg"}
 
 
 def _value(text: str) -> Any:
     """A value as YAML reads it (numbers, booleans, lists, strings); YAML 1.1 reads ``5e-2``
-    as a string, so number-like strings become floats."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    as text, which :func:`~zsharp.optim.args.as_number` makes a number again."""
+    return as_number(yaml.safe_load(text))
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -81,66 +78,54 @@ def _bool(text: str) -> bool:
     return value
 
 
-_CHOICES: dict[str, Sequence[str]] = {
-    "schedule": SCHEDULES,
-    "base": ("sgd", "adam", "adamw"),
-}
-_HELP = {
-    "mapping": {
-        "opt_args": "the optimizer's own argument (repeatable), e.g. rho=0.05, percentile=95, "
-        "variant=official, sigma=1",
-        "model_args": "a model option (repeatable), e.g. patch_size=4 (vit), shortcut=B (resnets)",
-    },
-    "augment": "random crop + flip (true/false)",
-    "flip": "include the horizontal flip (true/false)",
-    "base": "the base optimizer of the SAM family",
-    "momentum": "SGD momentum (ignored by Adam-based optimizers)",
-}
-
-
 def _dataset_defaults_text() -> str:
     lines = [
-        f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-        for name, values in DATASET_DEFAULTS.items()
+        f"{name}: " + ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        for name, spec in DATASETS.items()
     ]
-    return "defaults per dataset (others: the field's default shown per flag): " + "; ".join(lines)
+    return "defaults per dataset (others: the default shown per flag): " + "; ".join(lines)
+
+
+_PARSE = {"integer": int, "number": _float, "boolean": _bool, "string": str}
+
+
+def _flag(group: argparse._ArgumentGroup, arg: Arg, default: Any = None) -> None:
+    """A ``--name`` flag for ``arg``: its type, choices, and help from the Arg."""
+    shown = arg.default if default is None else default
+    group.add_argument(
+        f"--{arg.name.replace('_', '-')}",
+        dest=arg.name,
+        type=_PARSE.get(arg.kind, str),
+        default=default,
+        choices=arg.choices,
+        help=f"{arg.help}{'; ' if arg.help else ''}default {shown!r}",
+    )
 
 
 def _add_cell_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cell", _dataset_defaults_text())
-    group.add_argument("--dataset", required=True, choices=list(DATASET_SHAPES))
     group.add_argument(
-        "--model",
-        required=True,
-        metavar="MODEL",
-        help=f"one of {', '.join(MODEL_OPTIONS)}, or timm:NAME (any timm model)",
+        "--config",
+        dest="config_doc",
+        metavar="JSON|FILE",
+        default=None,
+        help="the cell's configuration as one JSON document, or a JSON/YAML file holding "
+        "it (a cell's summary.json too); the flags below override its values",
     )
-    group.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
-    hints = typing.get_type_hints(CellConfig)
-    for f in fields(CellConfig):
-        if f.name in _CELL_KEYS:
-            continue
-        if f.name in _MAPPING_FIELDS:
-            group.add_argument(
-                _MAPPING_FIELDS[f.name],
-                dest=f.name,
-                action="append",
-                type=_key_value,
-                metavar="KEY=VALUE",
-                help=_HELP["mapping"][f.name],
-            )
-            continue
-        kind = hints[f.name]
-        parse = {int: int, float: _float, bool: _bool, str: str}.get(kind, str)
-        text = _HELP.get(f.name, "")
-        group.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=parse,
-            default=None,
-            choices=_CHOICES.get(f.name),
-            help=f"{text}{'; ' if text else ''}default {f.default!r}",
-        )
+    group.add_argument("--dataset", choices=list(DATASETS))
+    group.add_argument("--model", metavar="MODEL", help=f"one of {', '.join(MODELS)}, or timm:NAME")
+    group.add_argument("--optimizer", choices=list(OPTIMIZERS))
+    for arg in SETTINGS:
+        _flag(group, arg)
+    group.add_argument(
+        "--opt", dest="opt_args", action="append", type=_key_value, metavar="KEY=VALUE",
+        help="the optimizer's own argument (repeatable), e.g. rho=0.05, percentile=95, "
+        "variant=official, sigma=1",
+    )  # fmt: skip
+    group.add_argument(
+        "--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
+        help="a model option (repeatable), e.g. patch_size=4 (vit), shortcut=B (resnets)",
+    )  # fmt: skip
 
 
 def _add_data_and_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +145,7 @@ def _add_wandb_arguments(parser: argparse.ArgumentParser, named: bool = False) -
     group = parser.add_argument_group("Weights & Biases")
     if named:
         group.add_argument(
-            "--wandb-name", default=None, help="the run's name (default: OPTIMIZER-seedN)"
+            "--wandb-name", default=None, help="the run's name (default: ENTRY-seedN)"
         )
     group.add_argument(
         "--wandb-mode", choices=WANDB_MODES, default=None, help="default: $WANDB_MODE, else offline"
@@ -193,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch a dataset, verify its md5, prepare it as uint8 arrays under "
         "ROOT/NAME/ (READY is written last). A root that already holds it uses no network.",
     )
-    download.add_argument("name", choices=list(DATASET_SHAPES))
+    download.add_argument("name", choices=list(DATASETS))
     download.add_argument("--root", type=Path, default=Path("data"))
     download.add_argument(
         "--source", default=None, help="a mirror URL (file:// too) or a local file/folder"
@@ -239,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         "non-finite loss are recorded only on the last attempt (earlier ones fail, so the "
         "scheduler retries them)",
     )
+    run.add_argument(
+        "--label", default=None, help="the grid's optimizer entry (default: the optimizer)"
+    )
+    run.add_argument("--key", default=None, help="the cell's key in its grid, for the summary")
     _add_wandb_arguments(train, named=True)
 
     evaluate = commands.add_parser(
@@ -251,28 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--cell", type=Path, required=True, help="a trained cell directory")
     _add_data_and_device_arguments(evaluate)
-    evaluate.add_argument(
-        "--hessian-samples", type=int, default=1024, help="training images in the fixed subset"
-    )
-    evaluate.add_argument(
-        "--hessian-iterations",
-        type=int,
-        default=20,
-        help="at most this many Hessian-vector products (stops at 1e-3 relative change)",
-    )
-    evaluate.add_argument("--ece-bins", type=int, default=15, help="confidence bins of the ECE")
+    options = evaluate.add_argument_group("evaluation")
+    for arg in EVALUATE:
+        _flag(options, arg, default=arg.default)
     _add_wandb_arguments(evaluate, named=True)
 
     aggregate = commands.add_parser(
         "aggregate",
         help="tabulate and plot finished cells",
         description="Tables (mean ± std over seeds), a paired comparison and plots from cell "
-        "directories. A cell laid out as .../DATASET/MODEL/ENTRY/seedN is named by ENTRY; "
-        "any other directory by its optimizer.",
+        "directories. Each cell is named by the grid entry its summary records, else by its "
+        "optimizer.",
     )
     aggregate.add_argument("cells", nargs="+", type=Path, help="cell directories")
     aggregate.add_argument("--out", type=Path, required=True)
-    aggregate.add_argument("--baseline", default="sam", help="optimizer entry compared against")
+    aggregate.add_argument(
+        "--baseline", default=None, help="the entry compared against (default: sam)"
+    )
     aggregate.add_argument(
         "--candidates",
         nargs="*",
@@ -281,22 +265,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     aggregate.add_argument("--experiment", default="zsharp", help="the W&B group")
     _add_wandb_arguments(aggregate)
+
+    commands.add_parser(
+        "schema",
+        help="print the workflow config's JSON Schema",
+        description="The JSON Schema a workflow config is validated against, with every "
+        "dataset, model, optimizer and setting the registries know (plugins included).",
+    )
+    commands.add_parser(
+        "snakefile",
+        help="print the path of the workflow's Snakefile",
+        description="Where the Snakefile of this installation is: snakemake -s "
+        '"$(zsharp snakefile)" --cores all runs the workflow from any folder.',
+    )
     return parser
+
+
+def _config_document(text: str | None) -> dict[str, Any]:
+    """``--config``: a JSON document, or a JSON/YAML file holding one."""
+    if text is None:
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--config: not valid JSON: {error}") from None
+    path = Path(text)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the cell configuration: {error}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: must hold a mapping of settings")
+    if isinstance(document.get("config"), dict):  # a cell's summary.json: its configuration
+        return dict(document["config"])
+    return document
+
+
+def cell_from_arguments(args: argparse.Namespace) -> Any:
+    """The CellConfig of ``zsharp train``: ``--config``, then the flags given."""
+    document = _config_document(args.config_doc)
+    for key in (*CELL_KEYS, *(a.name for a in SETTINGS)):
+        if getattr(args, key) is not None:
+            document[key] = getattr(args, key)
+    for key in _MAPPING_FIELDS:
+        if getattr(args, key):
+            document[key] = {**document.get(key, {}), **dict(getattr(args, key))}
+    return from_dict(document, deep=True)
 
 
 def _train(args: argparse.Namespace) -> int:
     from zsharp.data import DatasetError
     from zsharp.train import NonFiniteLossError, PreemptedError, record_failure, train_cell
 
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in fields(CellConfig)
-        if f.name not in _CELL_KEYS and getattr(args, f.name) is not None
-    }
-    for key in _MAPPING_FIELDS:
-        if key in overrides:
-            overrides[key] = dict(overrides[key])
-    cfg = cell_config(args.dataset, args.model, args.optimizer, **overrides)
+    cfg = cell_from_arguments(args)
     rt = Runtime(
         out=args.out,
         data_root=args.data_root,
@@ -311,6 +333,8 @@ def _train(args: argparse.Namespace) -> int:
         wandb_entity=args.wandb_entity,
         wandb_dir=args.wandb_dir,
         wandb_name=args.wandb_name,
+        label=args.label,
+        key=args.key,
     )
     try:
         summary = train_cell(cfg, rt)
@@ -320,7 +344,7 @@ def _train(args: argparse.Namespace) -> int:
         final_attempt = args.attempt is None or args.attempt[0] >= args.attempt[1]
         if not args.record_failure or not (isinstance(error, NonFiniteLossError) or final_attempt):
             raise
-        record_failure(cfg, args.out, error)
+        record_failure(cfg, rt, error)
         print(
             f"zsharp train: recorded a failure in {args.out / 'summary.json'}: {error}",
             file=sys.stderr,
@@ -350,9 +374,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         EvalOptions(
             data_root=args.data_root,
             device=args.device,
-            ece_bins=args.ece_bins,
-            hessian_samples=args.hessian_samples,
-            hessian_iterations=args.hessian_iterations,
+            **{arg.name: getattr(args, arg.name) for arg in EVALUATE},
             wandb_mode=args.wandb_mode,
             wandb_project=args.wandb_project,
             wandb_entity=args.wandb_entity,
@@ -398,11 +420,34 @@ def _aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema(args: argparse.Namespace) -> int:
+    from zsharp.grid import schema
+
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
+def snakefile() -> Path:
+    """The workflow's Snakefile: the copy an installation carries, else the repository's."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_pipeline" / "Snakefile", package.parent / "Snakefile"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("no Snakefile beside this installation of zsharp")
+
+
+def _snakefile(args: argparse.Namespace) -> int:
+    print(snakefile())
+    return 0
+
+
 COMMANDS = {
     "train": _train,
     "download": _download,
     "evaluate": _evaluate,
     "aggregate": _aggregate,
+    "schema": _schema,
+    "snakefile": _snakefile,
 }
 
 
@@ -411,6 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from zsharp.data import DatasetError
     from zsharp.train import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLossError, PreemptedError
 
+    try:
+        load_plugins()
+    except PluginError as error:
+        print(f"zsharp: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -2,11 +2,15 @@
 
 A :class:`CellConfig` is everything that determines the numbers a cell produces; its
 :meth:`~CellConfig.digest` names a checkpoint (a run resumes only from a checkpoint of the
-same configuration). :class:`Runtime` is everything that only decides *where and how fast*
-it runs (device, precision, compile, paths, logging) and is not part of the digest.
+same configuration) and it travels whole, as one JSON document, from the workflow to
+``zsharp train --config``. :class:`Runtime` is everything that only decides *where and how
+fast* it runs (device, compile, paths, logging) and is not part of the digest.
 
-Defaults depend on the dataset (:data:`DATASET_DEFAULTS`): the common SGD-momentum recipe
-for the image datasets and a short, quick one for the embedded digits.
+Every setting's type, default and range is one :class:`~zsharp.optim.args.Arg` (the
+``SETTINGS`` table below); the command-line flags, the workflow schema and the checks here
+are all made from it. The optimizer's own arguments (``opt_args``) and the model's options
+(``model_args``) are checked against their registries; the dataset's registry entry
+supplies its recipe defaults. Nothing here imports PyTorch unless asked to build.
 """
 
 from __future__ import annotations
@@ -19,40 +23,24 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zsharp.catalog import (
-    DATASET_SHAPES,
-    MODEL_OPTIONS,
-    OPTIMIZERS,
-    is_model,
-    optimizer_arguments,
-)
+from zsharp.data.registry import DATASETS, get_spec
+from zsharp.models.registry import get_model, is_timm
+from zsharp.optim.args import Arg, ArgError, check_args
+from zsharp.optim.registry import base_names, get_optimizer
 
-SCHEDULES = ("cosine", "paper", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 WANDB_MODES = ("offline", "online", "disabled")
-
-# Per-dataset defaults; any field of CellConfig may be overridden on the command line.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # 1,437 training images of 8×8: a few quick epochs reach > 90 % on 2 CPU cores.
-    "digits": {
-        "epochs": 15,
-        "batch_size": 64,
-        "lr": 0.05,
-        "weight_decay": 5e-4,
-        "crop_padding": 1,
-        "flip": False,
-        "warmup_epochs": 0,
-    },
-    "cifar10": {"epochs": 200, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4},
-    "cifar100": {"epochs": 200, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4},
-    # house numbers: a mirrored digit is another digit, so no flip
-    "svhn": {"epochs": 200, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "flip": False},
-    "tiny-imagenet": {"epochs": 200, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4},
-}
+# np.random.seed takes seeds below 2**32, and every generator of a cell is seeded with it
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
+    """A bad configuration value; the message starts with the key."""
+
+
+def _setting(arg: Arg) -> Any:
+    """A CellConfig field whose default and rule are ``arg``."""
+    return field(default=arg.default, metadata={"arg": arg})
 
 
 @dataclass
@@ -62,112 +50,123 @@ class CellConfig:
     dataset: str
     model: str
     optimizer: str
-    seed: int = 0
-    epochs: int = 200
-    batch_size: int = 128
-    base: str = "sgd"  # the base optimizer of the SAM family
-    lr: float = 0.1
-    momentum: float = 0.9  # used when the (base) optimizer is SGD
-    weight_decay: float = 5e-4
-    opt_args: dict[str, Any] = field(default_factory=dict)  # rho, percentile, variant, …
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    decay_every: int = 10  # "paper" schedule: ×decay_gamma every decay_every epochs
-    decay_gamma: float = 0.75
-    augment: bool = True
-    crop_padding: int = 4
-    flip: bool = True
-    label_smoothing: float = 0.0
-    model_args: dict[str, Any] = field(default_factory=dict)  # patch_size, dropout, …
-    eval_batch_size: int = 1000
+    seed: int = _setting(Arg("seed", "integer", 0, "seeds every generator", 0, MAX_SEED))
+    epochs: int = _setting(Arg("epochs", "integer", 200, "training epochs", minimum=1))
+    batch_size: int = _setting(Arg("batch_size", "integer", 128, "images per step", minimum=1))
+    base: str = _setting(
+        Arg("base", "string", "sgd", "the base optimizer of the SAM family",
+            choices=tuple(base_names()))
+    )  # fmt: skip
+    lr: float = _setting(Arg("lr", "number", 0.1, "base learning rate", minimum=0))
+    momentum: float = _setting(
+        Arg("momentum", "number", 0.9, "SGD momentum (ignored by Adam-based optimizers)",
+            minimum=0)
+    )  # fmt: skip
+    weight_decay: float = _setting(
+        Arg("weight_decay", "number", 5e-4, "the base optimizer's weight decay", minimum=0)
+    )
+    # the optimizer's own arguments (rho, percentile, …), checked by its registry entry
+    opt_args: dict[str, Any] = field(default_factory=dict)
+    schedule: str = _setting(
+        Arg("schedule", "string", "cosine", "cosine; paper: ×decay_gamma every decay_every "
+            "epochs after the warm-up; constant", choices=("cosine", "paper", "constant"))
+    )  # fmt: skip
+    warmup_epochs: int = _setting(
+        Arg("warmup_epochs", "integer", 0, "linear warm-up epochs", minimum=0)
+    )
+    decay_every: int = _setting(
+        Arg("decay_every", "integer", 10, "paper schedule: epochs between decays", minimum=1)
+    )
+    decay_gamma: float = _setting(
+        Arg("decay_gamma", "number", 0.75, "paper schedule: the decay factor", minimum=0)
+    )
+    augment: bool = _setting(Arg("augment", "boolean", True, "random crop + flip"))
+    crop_padding: int = _setting(
+        Arg("crop_padding", "integer", 4, "padding of the random crop", minimum=0)
+    )
+    flip: bool = _setting(Arg("flip", "boolean", True, "include the horizontal flip"))
+    label_smoothing: float = _setting(
+        Arg("label_smoothing", "number", 0.0, "label smoothing of the loss", minimum=0,
+            maximum=1, exclusive_maximum=True)
+    )  # fmt: skip
+    # the model's options (patch_size, dropout, …), checked by its registry entry
+    model_args: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = _setting(
+        Arg("eval_batch_size", "integer", 1000, "batch size of the per-epoch test", minimum=1)
+    )
 
     def validate(self, deep: bool = True) -> CellConfig:
-        """Raise :class:`ConfigError` naming the first bad key; return self.
+        """Check every value in place (numbers normalised); raise :class:`ConfigError`
+        naming the first bad key; return self.
 
         ``deep`` also builds the optimizer (on one scalar) and the model (on the meta
-        device), which needs PyTorch; without it the checks use ``zsharp.catalog`` only.
+        device), which imports PyTorch; without it the registries' rules alone apply.
         """
-        if self.dataset not in DATASET_SHAPES:
-            raise ConfigError(
-                f"dataset: unknown {self.dataset!r}; choose one of {list(DATASET_SHAPES)}"
-            )
-        if not is_model(self.model):
-            raise ConfigError(
-                f"model: unknown {self.model!r}; choose one of {list(MODEL_OPTIONS)} or timm:NAME"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"optimizer: unknown {self.optimizer!r}; choose one of {list(OPTIMIZERS)}"
-            )
-        if self.base not in ("sgd", "adam", "adamw"):
-            raise ConfigError(f"base: must be sgd, adam or adamw, got {self.base!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule: must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        for key in ("seed", "warmup_epochs", "crop_padding"):
-            _check_int(key, getattr(self, key), minimum=0)
-        for key in ("epochs", "batch_size", "decay_every", "eval_batch_size"):
-            _check_int(key, getattr(self, key), minimum=1)
-        for key in ("lr", "momentum", "weight_decay", "decay_gamma", "label_smoothing"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{key}: must be a number >= 0, got {value!r}")
-        if self.label_smoothing >= 1:
-            raise ConfigError(f"label_smoothing: must be < 1, got {self.label_smoothing!r}")
-        for key in ("augment", "flip"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key}: must be true or false, got {getattr(self, key)!r}")
+        _name("dataset", self.dataset, DATASETS, "")
+        for key, lookup in (("model", get_model), ("optimizer", get_optimizer)):
+            try:
+                lookup(getattr(self, key))
+            except ValueError as error:
+                raise ConfigError(f"{key}: {error}") from None
+        for arg in SETTINGS:
+            try:
+                setattr(self, arg.name, arg.check(getattr(self, arg.name)))
+            except ArgError as error:
+                raise ConfigError(str(error)) from None
         for key in ("opt_args", "model_args"):
             if not isinstance(getattr(self, key), dict):
                 raise ConfigError(f"{key}: must be a mapping, got {getattr(self, key)!r}")
-        self._check_names()
+        info = get_optimizer(self.optimizer)
+        try:
+            checked = check_args(
+                self.optimizer_args(), self.opt_args, f"optimizer {self.optimizer!r}"
+            )
+            # the resolved configuration records every argument of a sharpness-aware
+            # optimizer, its defaults included: the summary says what ran
+            self.opt_args = {**({} if info.is_base else info.defaults), **checked}
+        except ArgError as error:
+            raise ConfigError(f"opt_args.{error}") from None
+        if not is_timm(self.model):
+            try:
+                self.model_args = get_model(self.model).check_options(
+                    self.model_args, self.spec.image_size
+                )
+            except ArgError as error:
+                raise ConfigError(f"model_args.{error}") from None
         if deep:
             self._check_buildable()
         return self
 
-    def _check_names(self) -> None:
-        """The optimizer's and the model's arguments by name (no PyTorch needed)."""
-        accepted = optimizer_arguments(self.optimizer, self.base)
-        for key in self.opt_args:
-            if key not in accepted:
-                raise ConfigError(
-                    f"opt_args: unknown argument {key!r} for {self.optimizer} "
-                    f"(it takes {sorted(accepted - {'base', 'lr', 'weight_decay'})})"
-                )
-        if self.model in MODEL_OPTIONS:
-            for key in self.model_args:
-                if key not in MODEL_OPTIONS[self.model]:
-                    raise ConfigError(
-                        f"model_args: option {key!r} does not apply to model {self.model!r} "
-                        f"(its options: {sorted(MODEL_OPTIONS[self.model]) or 'none'})"
-                    )
-        patch = self.model_args.get("patch_size")
-        size = DATASET_SHAPES[self.dataset][0]
-        if (
-            self.model == "vit"
-            and patch is not None
-            and (not isinstance(patch, int) or patch < 1 or size % patch)
-        ):
-            raise ConfigError(
-                f"model_args: patch_size={patch!r} must be a positive integer that divides "
-                f"the image size {size} of {self.dataset}"
-            )
+    @property
+    def spec(self) -> Any:
+        """The dataset's registry entry."""
+        return get_spec(self.dataset)
+
+    def optimizer_args(self) -> tuple[Arg, ...]:
+        """Every argument ``opt_args`` may set: the optimizer's own and, for the SAM family,
+        its base optimizer's (lr, weight_decay and momentum are settings of their own)."""
+        info = get_optimizer(self.optimizer)
+        own = info.args if not info.is_base else ()
+        base = get_optimizer(self.optimizer if info.is_base else self.base).args
+        settings = {"lr", "weight_decay", "momentum"}
+        return (*own, *(a for a in base if a.name not in settings))
 
     def _check_buildable(self) -> None:
         """Build the optimizer on one scalar and the model on the meta device (no memory,
-        no compute), so a bad optimizer or model argument fails before any work starts."""
-        size, channels, _ = DATASET_SHAPES[self.dataset]
+        no compute), so what only the code knows fails before any work starts."""
+        spec = self.spec
         try:
             _check_optimizer(self.optimizer, _frozen(self.optimizer_kwargs()))
         except (ValueError, TypeError) as error:
             raise ConfigError(f"opt_args: {error}") from None
         try:
-            _check_model(self.model, size, channels, _frozen(self.model_args))
+            _check_model(self.model, spec.image_size, spec.channels, _frozen(self.model_args))
         except (ValueError, TypeError) as error:
             raise ConfigError(f"model_args: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready copy."""
-        return asdict(self)
+        """A JSON-ready copy (tuples as lists)."""
+        return json.loads(json.dumps(asdict(self)))
 
     def digest(self) -> str:
         """A short hash of the configuration (checkpoints are valid only for it)."""
@@ -177,21 +176,25 @@ class CellConfig:
     @property
     def sgd_based(self) -> bool:
         """Whether the optimizer that takes the descent step is SGD."""
-        return self.optimizer == "sgd" or (
-            self.optimizer not in ("adam", "adamw") and self.base == "sgd"
-        )
+        info = get_optimizer(self.optimizer)
+        return (self.optimizer if info.is_base else self.base) == "sgd"
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Arguments for :func:`zsharp.optim.create`."""
         kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.sgd_based:
             kwargs["momentum"] = self.momentum
-        if self.optimizer not in ("sgd", "adam", "adamw"):
+        if not get_optimizer(self.optimizer).is_base:
             kwargs["base"] = self.base
         kwargs.update(self.opt_args)
-        if "betas" in kwargs and isinstance(kwargs["betas"], list):
+        if isinstance(kwargs.get("betas"), list):
             kwargs["betas"] = tuple(kwargs["betas"])
         return kwargs
+
+
+SETTINGS: tuple[Arg, ...] = tuple(f.metadata["arg"] for f in fields(CellConfig) if f.metadata)
+MAPPINGS: tuple[str, ...] = ("opt_args", "model_args")
+CELL_KEYS = ("dataset", "model", "optimizer")
 
 
 @dataclass
@@ -210,7 +213,9 @@ class Runtime:
     wandb_project: str | None = None  # None: $WANDB_PROJECT, else "zsharp"
     wandb_entity: str | None = None  # None: $WANDB_ENTITY
     wandb_dir: Path | None = None  # None: $WANDB_DIR, else <out>
-    wandb_name: str | None = None  # None: <optimizer>-seed<seed>
+    wandb_name: str | None = None  # None: zsharp.config.run_name(label, seed)
+    label: str | None = None  # the grid's optimizer entry (default: the optimizer's name)
+    key: str | None = None  # the cell's key in its grid, dataset/model/label/seedN
 
     def validate(self) -> Runtime:
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
@@ -242,6 +247,37 @@ class Runtime:
         return self.checkpoint if self.checkpoint is not None else self.out / "checkpoint.pt"
 
 
+# --- evaluation --------------------------------------------------------------------------
+
+EVALUATE: tuple[Arg, ...] = (
+    Arg("hessian_samples", "integer", 1024, "training images in the fixed subset of the "
+        "sharpness estimate", minimum=1),
+    Arg("hessian_iterations", "integer", 20, "at most this many Hessian-vector products "
+        "(stops at 1e-3 relative change)", minimum=1),
+    Arg("hessian_batch_size", "integer", 256, "images per Hessian-vector product batch",
+        minimum=1),
+    Arg("ece_bins", "integer", 15, "equal-width confidence bins of the ECE", minimum=1),
+)  # fmt: skip
+
+
+# --- names shared by the workflow, the command line and the aggregate ---------------------
+
+
+def run_group(dataset: str, model: str) -> str:
+    """The W&B group of a cell: its dataset and model."""
+    return f"{dataset}-{model}"
+
+
+def run_name(label: str, seed: int) -> str:
+    """The W&B run name of a cell: its optimizer entry and seed."""
+    return f"{label}-seed{seed}"
+
+
+def _name(key: str, value: Any, known: dict[str, Any], extra: str) -> None:
+    if value not in known:
+        raise ConfigError(f"{key}: unknown {value!r}; choose one of {list(known)}{extra}")
+
+
 def _frozen(mapping: dict[str, Any]) -> str:
     """A hashable, canonical form of a settings mapping (for the caches below)."""
     return json.dumps(mapping, sort_keys=True, default=repr)
@@ -270,20 +306,17 @@ def _check_model(name: str, image_size: int, channels: int, frozen_options: str)
         build_model(name, 10, image_size, channels, **json.loads(frozen_options))
 
 
-def _check_int(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-
-
 def cell_config(
     dataset: str, model: str, optimizer: str, *, deep: bool = True, **overrides: Any
 ) -> CellConfig:
-    """A validated CellConfig: dataclass defaults, then the dataset's, then ``overrides``."""
-    known = {f.name for f in fields(CellConfig)}
+    """A validated CellConfig: field defaults, then the dataset's recipe, then ``overrides``."""
+    known = {f.name for f in fields(CellConfig)} - set(CELL_KEYS)
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown setting; known: {sorted(known)}")
-    values = {**DATASET_DEFAULTS.get(dataset, {}), **overrides}
+    if dataset not in DATASETS:
+        _name("dataset", dataset, DATASETS, "")
+    values = {**get_spec(dataset).defaults, **overrides}
     cfg = CellConfig(dataset=dataset, model=model, optimizer=optimizer, **values)
     cfg.validate(deep=deep)
     if not cfg.sgd_based:
@@ -294,9 +327,14 @@ def cell_config(
 
 
 def from_dict(data: dict[str, Any], deep: bool = False) -> CellConfig:
-    """The CellConfig stored in a summary or checkpoint (checked when it was trained, so by
-    default only by name: building a throwaway optimizer costs PyTorch's lazy imports)."""
+    """The CellConfig of a JSON document (a summary's ``config``, ``zsharp train --config``);
+    checked by the registries' rules, and by building only when ``deep``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"(config): must be a mapping, got {type(data).__name__}")
     data = dict(data)
+    missing = [key for key in CELL_KEYS if key not in data]
+    if missing:
+        raise ConfigError(f"{missing[0]}: required but missing")
     return cell_config(
         data.pop("dataset"), data.pop("model"), data.pop("optimizer"), deep=deep, **data
     )

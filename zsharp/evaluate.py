@@ -19,25 +19,28 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from zsharp import __version__, checkpoint
-from zsharp.config import ConfigError, from_dict
+from zsharp import __version__, atomic, checkpoint
+from zsharp.config import EVALUATE, ConfigError, from_dict, run_group, run_name
 from zsharp.data.loader import DeviceLoader, eval_loader
 from zsharp.metrics import evaluate, expected_calibration_error, hessian_top_eigenvalue
+from zsharp.runtime import build_cell_model, load_data, select_device
 from zsharp.tracking import Tracker
-from zsharp.train import build_cell_model, load_data, select_device
+
+_DEFAULT = {arg.name: arg.default for arg in EVALUATE}
 
 
 @dataclass
 class EvalOptions:
-    """How to evaluate (none of it is part of the cell's configuration)."""
+    """How to evaluate (none of it is part of the cell's configuration); the defaults are
+    :data:`zsharp.config.EVALUATE`'s."""
 
     data_root: Path = Path("data")
     device: str = "auto"
-    ece_bins: int = 15
-    hessian_samples: int = 1024
-    hessian_iterations: int = 20
+    ece_bins: int = _DEFAULT["ece_bins"]
+    hessian_samples: int = _DEFAULT["hessian_samples"]
+    hessian_iterations: int = _DEFAULT["hessian_iterations"]
     hessian_tolerance: float = 1e-3
-    hessian_batch_size: int = 256
+    hessian_batch_size: int = _DEFAULT["hessian_batch_size"]
     wandb_mode: str | None = None
     wandb_project: str | None = None
     wandb_entity: str | None = None
@@ -61,7 +64,7 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     summary = read_summary(cell)
     if summary.get("status") == "failed":  # nothing to evaluate; the table shows FAILED
         result = {"status": "skipped", "reason": f"training failed: {summary.get('error')}"}
-        checkpoint.write_json(cell / "eval.json", result)
+        atomic.write_json(cell / "eval.json", result)
         return result
     cfg = from_dict(summary["config"])
     device = select_device(options.device)
@@ -114,12 +117,12 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
         entity=options.wandb_entity,
         directory=options.wandb_dir
         or (Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else cell),
-        group=f"{cfg.dataset}-{cfg.model}",
-        name=options.wandb_name or f"{cfg.optimizer}-seed{cfg.seed}",
+        group=run_group(cfg.dataset, cfg.model),
+        name=options.wandb_name or run_name(summary.get("label") or cfg.optimizer, cfg.seed),
         job_type="eval",
         config=cfg.to_dict(),
     )
     tracker.summary(result)
     tracker.finish()
-    checkpoint.write_json(cell / "eval.json", result)
+    atomic.write_json(cell / "eval.json", result)
     return result

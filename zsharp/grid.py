@@ -4,20 +4,23 @@ A workflow config names datasets, models and optimizer entries (each with its ow
 hyperparameters), seeds, and settings shared by every cell. A cell's settings are merged
 in this order, later winning (mappings such as ``opt_args`` are merged key by key):
 
-    CellConfig defaults → the dataset's defaults (``zsharp.config.DATASET_DEFAULTS``) →
-    ``train`` → ``datasets.<d>`` → ``models.<m>`` → ``optimizers.<label>`` →
+    CellConfig defaults → the dataset's recipe (its registry entry) → ``train`` →
+    ``datasets.<d>`` → ``models.<m>`` → ``optimizers.<label>`` →
     each ``overrides`` entry whose ``when`` matches, in order.
 
-:func:`load_grid` checks the config against ``workflow/schemas/config.schema.yaml`` and then
-every cell's :class:`~zsharp.config.CellConfig` against ``zsharp.catalog`` (no PyTorch, so a
-dry run of a large grid stays fast); the first problem is raised as a :class:`GridError`
-whose one-line message starts with the offending key, before any job starts. Each job then
-checks its own cell in depth (building optimizer and model) before it trains.
+:func:`load_grid` checks the config against the schema (:func:`schema`: a skeleton shipped
+with the package, its names and settings filled from the registries) and then every cell's
+:class:`~zsharp.config.CellConfig` by the registries' rules (no PyTorch, so a dry run of a
+large grid stays fast); the first problem is raised as a :class:`GridError` whose one-line
+message starts with the offending key, before any job starts. Each job then builds its own
+cell's optimizer and model before it trains.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +29,25 @@ from typing import Any
 import jsonschema
 import yaml
 
-from zsharp.config import CellConfig, ConfigError, cell_config
+from zsharp.config import (
+    EVALUATE,
+    MAX_SEED,
+    SETTINGS,
+    CellConfig,
+    ConfigError,
+    cell_config,
+)
+from zsharp.data.registry import DATASETS
+from zsharp.models.registry import MODELS, TIMM_PREFIX
+from zsharp.optim.args import Arg, as_number
+from zsharp.optim.registry import OPTIMIZERS
+from zsharp.plugins import load_plugins
 
 MAPPING_SETTINGS = ("opt_args", "model_args")
-SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SKELETON = Path(__file__).resolve().parent / "config.schema.yaml"
+# the grid's comparison when the config names none: every ZSharp entry against SAM
+DEFAULT_BASELINE = "sam"
+CANDIDATE_PREFIX = "zsharp"
 
 
 class GridError(ValueError):
@@ -51,6 +69,10 @@ class Cell:
         """``dataset/model/label/seedN``: the cell's path below the experiment."""
         return f"{self.dataset}/{self.model}/{self.label}/seed{self.seed}"
 
+    def config_json(self) -> str:
+        """The cell's whole resolved configuration, as ``zsharp train --config`` reads it."""
+        return json.dumps(self.config.to_dict(), sort_keys=True, separators=(",", ":"))
+
 
 @dataclass
 class Grid:
@@ -70,8 +92,73 @@ class Grid:
         self._index = {(c.dataset, c.model, c.label, c.seed): c for c in self.cells}
 
 
-def load_schema(path: Path = SCHEMA) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+# --- the schema ----------------------------------------------------------------------------
+
+
+def _union(args: list[Arg]) -> dict[str, Any]:
+    """One schema property per argument name (the first registration's rule; defaults are
+    per optimizer and left out)."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        if arg.name not in out:
+            fragment = arg.schema()
+            out[arg.name] = fragment
+    return out
+
+
+def schema() -> dict[str, Any]:
+    """The workflow config's JSON Schema: the skeleton, filled from the registries."""
+    load_plugins()
+    doc = yaml.safe_load(SKELETON.read_text())
+    props, defs = doc["properties"], doc["$defs"]
+    props["seeds"]["items"]["maximum"] = MAX_SEED
+    props["datasets"]["propertyNames"] = {"enum": list(DATASETS)}
+    props["models"]["propertyNames"] = {
+        "anyOf": [{"enum": list(MODELS)}, {"pattern": f"^{TIMM_PREFIX}[A-Za-z0-9_.-]+$"}]
+    }
+    props["evaluate"]["properties"] = {
+        a.name: {**a.schema(), "default": a.default} for a in EVALUATE
+    }
+    defs["optimizer_entry"]["oneOf"][1]["properties"]["optimizer"] = {"enum": list(OPTIMIZERS)}
+    settings = {a.name: a.schema() for a in SETTINGS}
+    settings["opt_args"] = {"$ref": "#/$defs/opt_args"}
+    settings["model_args"] = {"type": "object", "description": "the model's options"}
+    defs["settings_keys"]["properties"] = settings
+    sam_family = [a for info in OPTIMIZERS.values() if not info.is_base for a in info.args]
+    base = [a for info in OPTIMIZERS.values() if info.is_base for a in info.args]
+    top_level = {"lr", "weight_decay", "momentum"}
+    defs["opt_args"]["properties"] = _union(
+        sam_family + [a for a in base if a.name not in top_level]
+    )
+    return doc
+
+
+def _coerced(keyword: str) -> Any:
+    """A bound keyword (minimum, …) that reads numbers written as text (``1e-3``)."""
+    check = jsonschema.Draft202012Validator.VALIDATORS[keyword]
+    return lambda validator, bound, instance, sch: check(validator, bound, as_number(instance), sch)
+
+
+def _is_number(checker: Any, value: Any) -> bool:
+    """YAML 1.1 reads `lr: 1e-3` as text: such text is a number wherever one is expected."""
+    base = jsonschema.Draft202012Validator.TYPE_CHECKER
+    return base.is_type(value, "number") or (isinstance(value, str) and as_number(value) != value)
+
+
+def _is_integer(checker: Any, value: Any) -> bool:
+    """An integer is an int, as for zsharp.optim.args.Arg (JSON Schema would take 1.0)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"number": _is_number, "integer": _is_integer}
+    ),
+    validators={
+        k: _coerced(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+    },
+)
 
 
 def _where(path: Any) -> str:
@@ -91,11 +178,12 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{_where(path)}: {error.message}"
 
 
-def check_schema(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+def check_schema(config: Any, doc: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate ``config``; return a copy with the schema's defaults filled in."""
     if not isinstance(config, dict):
         raise GridError(f"(top level): the config must be a mapping, got {config!r}")
-    validator = jsonschema.Draft202012Validator(schema)
+    doc = doc if doc is not None else schema()
+    validator = _Validator(doc)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     # "null or settings" alternatives: report what is wrong with the settings, not that
     # the value is not null
@@ -103,17 +191,17 @@ def check_schema(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, An
         real = [
             e for e in error.context if not (e.validator == "type" and e.validator_value == "null")
         ]
-        error = jsonschema.exceptions.best_match(real) if real else error
-        if not real:
+        if not real or "propertyNames" in error.relative_schema_path:
             break
+        error = jsonschema.exceptions.best_match(real)
     if error is not None:
         raise GridError(_describe(error))
-    return _with_defaults(copy.deepcopy(config), schema)
+    return _with_defaults(copy.deepcopy(config), doc)
 
 
-def _with_defaults(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+def _with_defaults(config: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
     """Fill the defaults the schema declares for top-level sections and their keys."""
-    for key, spec in schema.get("properties", {}).items():
+    for key, spec in doc.get("properties", {}).items():
         if key not in config and "default" in spec:
             config[key] = copy.deepcopy(spec["default"])
         if isinstance(config.get(key), dict) and "properties" in spec:
@@ -121,6 +209,9 @@ def _with_defaults(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, 
                 if sub not in config[key] and "default" in sub_spec:
                     config[key][sub] = copy.deepcopy(sub_spec["default"])
     return config
+
+
+# --- the cells -----------------------------------------------------------------------------
 
 
 def _merge(
@@ -132,6 +223,8 @@ def _merge(
             merged = dict(settings.get(key, {}))
             merged.update(value or {})
             settings[key] = merged
+            for sub in value or {}:
+                source[f"{key}.{sub}"] = f"{where}.{key}.{sub}"
         else:
             settings[key] = value
         source[key] = f"{where}.{key}"
@@ -160,34 +253,49 @@ def cell_settings(
     return optimizer, settings, source
 
 
-def load_grid(config: dict[str, Any], schema_path: Path = SCHEMA) -> Grid:
+def _located(error: ConfigError, source: dict[str, str], cell: str, fallback: str) -> GridError:
+    """The cell's error, re-addressed to the config key the bad value came from."""
+    key, _, detail = str(error).partition(": ")
+    where = source.get(key) or source.get(key.split(".")[0]) or fallback
+    return GridError(f"{where}: {detail} (cell {cell})")
+
+
+@functools.cache
+def _cell(dataset: str, model: str, optimizer: str, frozen: str) -> CellConfig:
+    return cell_config(dataset, model, optimizer, deep=False, **json.loads(frozen))
+
+
+def load_grid(config: Any) -> Grid:
     """Validate ``config`` (schema, then every cell's settings) and expand the grid."""
-    config = check_schema(config, load_schema(schema_path))
+    config = check_schema(config)
+    _check_references(config)
     cells = []
     for dataset in config["datasets"]:
         for model in config["models"]:
             for label in config["optimizers"]:
                 optimizer, settings, source = cell_settings(config, dataset, model, label)
-                for seed in config["seeds"]:
+                for i, seed in enumerate(config["seeds"]):
+                    source["seed"] = f"seeds.{i}"
                     try:
-                        cfg = cell_config(
-                            dataset, model, optimizer, seed=seed, deep=False, **settings
-                        )
+                        cfg = _cell(
+                            dataset, model, optimizer,
+                            json.dumps({**settings, "seed": seed}, sort_keys=True),
+                        )  # fmt: skip
                     except ConfigError as error:
-                        key = str(error).split(":", 1)[0]
-                        where = source.get(key, f"optimizers.{label}.optimizer")
-                        detail = str(error).split(":", 1)[1].strip()
-                        raise GridError(
-                            f"{where}: {detail} (cell {dataset}/{model}/{label})"
-                        ) from None
-                    cells.append(Cell(dataset, model, label, seed, cfg))
-    _check_compare(config)
-    _check_overrides(config)
+                        where = f"{dataset}/{model}/{label}"
+                        raise _located(error, source, where, f"optimizers.{label}.optimizer") from None
+                    cells.append(Cell(dataset, model, label, seed, copy.deepcopy(cfg)))
     return Grid(config, cells)
 
 
-def _check_overrides(config: dict[str, Any]) -> None:
-    """A `when` that names no dataset, model or optimizer entry of the grid is a typo."""
+def _check_references(config: dict[str, Any]) -> None:
+    """Names that must point into the grid: the comparison's entries, overrides' `when`."""
+    compare = config.get("compare") or {}
+    if compare.get("baseline") and compare["baseline"] not in config["optimizers"]:
+        raise GridError(f"compare.baseline: {compare['baseline']!r} is not an optimizers entry")
+    for i, label in enumerate(compare.get("candidates") or []):
+        if label not in config["optimizers"]:
+            raise GridError(f"compare.candidates.{i}: {label!r} is not an optimizers entry")
     sections = {"dataset": "datasets", "model": "models", "optimizer": "optimizers"}
     for i, override in enumerate(config.get("overrides") or []):
         for key, value in override["when"].items():
@@ -198,33 +306,25 @@ def _check_overrides(config: dict[str, Any]) -> None:
                 )
 
 
-def _check_compare(config: dict[str, Any]) -> None:
-    compare = config.get("compare") or {}
-    for key in ("baseline",):
-        if compare.get(key) and compare[key] not in config["optimizers"]:
-            raise GridError(f"compare.{key}: {compare[key]!r} is not an optimizers entry")
-    for i, label in enumerate(compare.get("candidates") or []):
-        if label not in config["optimizers"]:
-            raise GridError(f"compare.candidates.{i}: {label!r} is not an optimizers entry")
+def comparison(
+    entries: dict[str, str], baseline: str | None = None, candidates: list[str] | None = None
+) -> tuple[str | None, list[str]]:
+    """The paired comparison: (baseline entry, candidate entries) among ``entries``
+    (label → optimizer name). By default every ZSharp entry against the SAM entry; no
+    baseline (None) when there is no such entry."""
+    baseline = baseline or DEFAULT_BASELINE
+    if baseline not in entries:
+        return None, []
+    if candidates is None:
+        candidates = [label for label, name in entries.items() if name.startswith(CANDIDATE_PREFIX)]
+    return baseline, [c for c in candidates if c != baseline]
 
 
-def _flag_value(value: Any) -> str:
-    """A value as the command line reads it back (YAML: 0.05, true, [0.9, 0.999], paper)."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def train_arguments(cell: Cell) -> list[str]:
-    """The ``zsharp train`` flags that reproduce ``cell.config`` exactly."""
-    cfg = cell.config.to_dict()
-    args = [
-        "--dataset", cfg.pop("dataset"), "--model", cfg.pop("model"),
-        "--optimizer", cfg.pop("optimizer"),
-    ]  # fmt: skip
-    for key, value in cfg.items():
-        if key in MAPPING_SETTINGS:
-            flag = "--opt" if key == "opt_args" else "--model-arg"
-            for name, item in value.items():
-                args += [flag, f"{name}={_flag_value(item)}"]
-        else:
-            args += [f"--{key.replace('_', '-')}", _flag_value(value)]
-    return args
+def grid_comparison(grid: Grid) -> tuple[str | None, list[str]]:
+    """:func:`comparison` of a grid's optimizer entries and its ``compare`` section."""
+    entries = {
+        label: (entry or {}).get("optimizer", label)
+        for label, entry in grid.config["optimizers"].items()
+    }
+    compare = grid.config.get("compare") or {}
+    return comparison(entries, compare.get("baseline"), compare.get("candidates"))

@@ -36,13 +36,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from zsharp import __version__, checkpoint
-from zsharp.config import CellConfig, ConfigError, Runtime
-from zsharp.data import DatasetNotReadyError, Prepared, download_dataset, load_prepared
+from zsharp import __version__, atomic, checkpoint
+from zsharp.config import CellConfig, Runtime, run_group, run_name
 from zsharp.data.loader import DeviceLoader, eval_loader, train_loader
 from zsharp.metrics import evaluate
-from zsharp.models import build_model
 from zsharp.optim import SAM, create, disable_running_stats
+from zsharp.runtime import amp_dtype, build_cell_model, load_data, select_device
 from zsharp.schedule import lr_lambda
 from zsharp.tracking import Tracker
 
@@ -64,45 +63,6 @@ class PreemptedError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when there is a GPU, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
-    return device
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``auto`` is bf16 on CUDA and full precision on the CPU."""
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
-
-
-def load_data(cfg: CellConfig, root: Path) -> Prepared:
-    """The prepared dataset; digits (embedded, no network) is prepared on first use."""
-    try:
-        return load_prepared(cfg.dataset, root)
-    except DatasetNotReadyError:
-        if cfg.dataset != "digits":
-            raise
-        download_dataset("digits", root)
-        return load_prepared(cfg.dataset, root)
-
-
-def build_cell_model(cfg: CellConfig, data: Prepared) -> torch.nn.Module:
-    """The cell's model, shaped for its dataset (classes, image size, channels)."""
-    return build_model(
-        cfg.model,
-        num_classes=data.num_classes,
-        image_size=data.image_size,
-        in_channels=data.channels,
-        **cfg.model_args,
-    )
 
 
 class StopSignals:
@@ -343,14 +303,24 @@ class CellTrainer:
         return record
 
 
+def identity(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
+    """What a summary says the cell is: its grid entry (label) and key, its configuration."""
+    return {
+        "label": rt.label or cfg.optimizer,
+        "key": rt.key,
+        "config": cfg.to_dict(),
+        "config_digest": cfg.digest(),
+    }
+
+
 def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, Any]:
     """The summary written last: configuration, final and best metrics, provenance."""
     records = trainer.progress.records
     final = records[-1]
     best = max(records, key=lambda r: r["test_acc"])
     return {
-        "config": cfg.to_dict(),
-        "config_digest": cfg.digest(),
+        "status": "ok",
+        **identity(cfg, rt),
         "final": {k: v for k, v in final.items() if k not in ("epoch_seconds",)},
         "best": {"test_acc": best["test_acc"], "epoch": best["epoch"]},
         "train_seconds": sum(r["epoch_seconds"] for r in records),
@@ -371,8 +341,9 @@ def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, A
     }
 
 
-def record_failure(cfg: CellConfig, out: Path, error: BaseException) -> None:
+def record_failure(cfg: CellConfig, rt: Runtime, error: BaseException) -> None:
     """Write a ``failed`` summary (and keep a log of failures) for a workflow's table."""
+    out = rt.out
     out.mkdir(parents=True, exist_ok=True)
     entry = {
         "status": "failed",
@@ -382,13 +353,12 @@ def record_failure(cfg: CellConfig, out: Path, error: BaseException) -> None:
     with (out / "failures.jsonl").open("a") as handle:  # append-only history
         handle.write(json.dumps(entry) + "\n")
     if not (out / "metrics.jsonl").exists():
-        checkpoint.write_jsonl(out / "metrics.jsonl", [])
-    checkpoint.write_json(
+        atomic.write_jsonl(out / "metrics.jsonl", [])
+    atomic.write_json(
         out / "summary.json",
         {
             **entry,
-            "config": cfg.to_dict(),
-            "config_digest": cfg.digest(),
+            **identity(cfg, rt),
             "versions": {"zsharp": __version__, "torch": torch.__version__},
         },
     )
@@ -410,14 +380,15 @@ def train_cell(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
     rt.out.mkdir(parents=True, exist_ok=True)
     resumed = trainer.try_resume()
     p = trainer.progress
-    group, name = f"{cfg.dataset}-{cfg.model}", f"{cfg.optimizer}-seed{cfg.seed}"
+    group = run_group(cfg.dataset, cfg.model)
+    name = rt.wandb_name or run_name(rt.label or cfg.optimizer, cfg.seed)
     tracker = Tracker(
         mode=rt.wandb_mode,
         project=rt.wandb_project,
         entity=rt.wandb_entity,
         directory=rt.wandb_directory,
         group=group,
-        name=rt.wandb_name or name,
+        name=name,
         job_type="train",
         config={
             **cfg.to_dict(),
@@ -445,7 +416,7 @@ def train_cell(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
                     if bar is not None:
                         bar.close()
                 record = trainer.finish_epoch()
-                checkpoint.write_jsonl(rt.out / "metrics.jsonl", p.records)
+                atomic.write_jsonl(rt.out / "metrics.jsonl", p.records)
                 trainer.save_checkpoint()
                 tracker.log(
                     {k: v for k, v in record.items() if k != "epoch"} | {"epoch": record["epoch"]},
@@ -459,10 +430,10 @@ def train_cell(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
                 )
                 if stop.received is not None:
                     raise PreemptedError(stop.received, rt.checkpoint_path)
-        checkpoint.write_jsonl(rt.out / "metrics.jsonl", p.records)
+        atomic.write_jsonl(rt.out / "metrics.jsonl", p.records)
         checkpoint.save(rt.out / "model.pt", trainer.model.state_dict())
         summary = summarize(cfg, rt, trainer)
-        checkpoint.write_json(rt.out / "summary.json", summary)
+        atomic.write_json(rt.out / "summary.json", summary)
         tracker.summary(
             {"final_" + k: v for k, v in summary["final"].items()}
             | {"best_test_acc": summary["best"]["test_acc"]}

@@ -51,8 +51,6 @@ rule aggregate:
         compare=compare_args(),
         experiment=C["experiment"],
     localrule: True
-    container:
-        CONTAINER
     shell:
         "zsharp aggregate {params.cells} --out {params.out} {params.compare} "
         "--experiment {params.experiment} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# The config, its validation, and the grid of cells.
+# The config, its validation, and the grid of cells. Everything a rule needs to know about a
+# cell comes from zsharp.grid; the rules only name files and call the `zsharp` command line.
 import json
 import os
 import re
@@ -8,17 +9,23 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from zsharp.grid import GridError, load_grid, train_arguments
+from zsharp.config import EVALUATE
+from zsharp.grid import GridError, grid_comparison, load_grid
 
 
 # `configfile:` would merge a --configfile into the default one (grids would add up), so
-# the default is loaded only when no config was given.
-if not config:
+# the default is loaded only when no config file was given; a given file must name a grid.
+if not workflow.overwrite_configfiles and not config:
     with open(Path(workflow.basedir) / "config" / "config.yaml") as handle:
         config.update(yaml.safe_load(handle))
+elif not config:
+    raise WorkflowError(
+        f"invalid config: (top level): {workflow.overwrite_configfiles[0]} names no grid "
+        "(datasets, models, optimizers and seeds are required)"
+    )
 
 try:
-    GRID = load_grid(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+    GRID = load_grid(config)
 except GridError as error:
     raise WorkflowError(f"invalid config: {error}") from None
 
@@ -37,7 +44,7 @@ wildcard_constraints:
     dataset=_alternatives(C["datasets"]),
     model=_alternatives(C["models"]),
     label=_alternatives(C["optimizers"]),
-    seed=r"\d+",
+    seed=_alternatives(C["seeds"]),
 
 
 def cell_of(wildcards):
@@ -89,8 +96,7 @@ def retries(rule):
 
 
 ALL_CELLS = [f"{EXP}/cells/{cell.key}" for cell in GRID.cells]
-# every job runs in this image under --sdm apptainer (or docker via Snakemake's support)
-CONTAINER = C["container"]
+DATASET_MODELS = [(d, m) for d in C["datasets"] for m in C["models"]]
 
 
 def download_source(wildcards):
@@ -98,30 +104,19 @@ def download_source(wildcards):
     return f"--source {shlex.quote(source)}" if source else ""
 
 
-DATASET_MODELS = [(d, m) for d in C["datasets"] for m in C["models"]]
-AGGREGATE_OUTPUTS = [
-    f"{EXP}/results.csv",
-    f"{EXP}/results.md",
-    f"{EXP}/comparison.csv",
-    f"{EXP}/plots/final_accuracy.png",
-    f"{EXP}/plots/accuracy_vs_sharpness.png",
-    *[f"{EXP}/plots/curves_{d}_{m}.png" for d, m in DATASET_MODELS],
-]
+def evaluate_options():
+    """The config's `evaluate` section as `zsharp evaluate` flags (zsharp.config.EVALUATE)."""
+    flags = []
+    for arg in EVALUATE:
+        flags += [f"--{arg.name.replace('_', '-')}", str(C["evaluate"][arg.name])]
+    return shlex.join(flags)
 
 
 def compare_args():
-    compare = C["compare"]
-    baseline = compare.get("baseline", "sam")
-    if baseline not in C["optimizers"]:  # no SAM entry and no baseline named: no comparison
+    baseline, candidates = grid_comparison(GRID)
+    if baseline is None:  # no SAM entry and no baseline named: no comparison
         return "--candidates"
-    candidates = compare.get("candidates")
-    if candidates is None:  # default: every ZSharp entry against the baseline
-        candidates = [
-            label for label, entry in C["optimizers"].items()
-            if (entry or {}).get("optimizer", label).startswith("zsharp")
-        ]
     return shlex.join(["--baseline", baseline, "--candidates", *candidates])
-
 
 
 def report_failures():

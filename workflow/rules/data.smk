@@ -14,7 +14,5 @@ rule download:
         root=lambda wildcards, output: Path(output[0]).parent.parent,
     localrule: True
     retries: 3
-    container:
-        CONTAINER
     shell:
         "zsharp download {wildcards.dataset} --root {params.root} {params.source} > {log} 2>&1"

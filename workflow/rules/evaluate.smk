@@ -15,22 +15,14 @@ rule evaluate:
     params:
         cell=lambda wildcards, input: Path(input.summary).parent,
         data=lambda wildcards, input: Path(input.data).parent.parent,
-        options=shlex.join(
-            [
-                "--hessian-samples", str(C["evaluate"]["hessian_samples"]),
-                "--hessian-iterations", str(C["evaluate"]["hessian_iterations"]),
-                "--ece-bins", str(C["evaluate"]["ece_bins"]),
-            ]
-        ),
+        options=evaluate_options(),
     threads: resource("evaluate", "threads", 1)
     resources:
         runtime=resource("evaluate", "runtime", 60),
         mem_mb=resource("evaluate", "mem_mb", 8000),
         **gpu_resources("evaluate"),
     retries: retries("evaluate")
-    container:
-        CONTAINER
     shell:
         "zsharp-device {resources.gpu} -- "
         "zsharp evaluate --cell {params.cell} --data-root {params.data} {params.options} "
-        "--wandb-name {wildcards.label}-seed{wildcards.seed} >> {log} 2>&1"
+        ">> {log} 2>&1"

@@ -17,7 +17,7 @@ rule train:
     benchmark:
         f"{EXP}/benchmarks/train/{CELL}.tsv"
     params:
-        cell=lambda wc: shlex.join(train_arguments(cell_of(wc))),
+        cell=lambda wildcards: cell_of(wildcards).config_json(),
         out=lambda wildcards, output: Path(output.summary).parent,
         data=lambda wildcards, input: Path(input.data).parent.parent,
         failures=failures_so_far,
@@ -29,11 +29,10 @@ rule train:
         attempt=lambda wildcards, attempt: attempt,
         **gpu_resources("train"),
     retries: retries("train")
-    container:
-        CONTAINER
     shell:
         "zsharp-device {resources.gpu} -- "
-        "zsharp train {params.cell} --out {params.out} --data-root {params.data} "
+        "zsharp train --config {params.cell:q} --out {params.out} --data-root {params.data} "
+        "--label {wildcards.label} --key {wildcards.dataset}/{wildcards.model}/"
+        "{wildcards.label}/seed{wildcards.seed} "
         "--threads {threads} --progress lines --record-failure "
-        "--attempt {resources.attempt} {params.attempts} "
-        "--wandb-name {wildcards.label}-seed{wildcards.seed} >> {log} 2>&1"
+        "--attempt {resources.attempt} {params.attempts} >> {log} 2>&1"

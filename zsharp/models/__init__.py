@@ -82,7 +82,9 @@ def build_model(
     _positive("in_channels", in_channels)
     info = get_model(name)
     if name.startswith(TIMM_PREFIX):
-        return info.load()(name[len(TIMM_PREFIX) :], num_classes, image_size, in_channels, **options)
+        return info.load()(
+            name[len(TIMM_PREFIX) :], num_classes, image_size, in_channels, **options
+        )
     try:
         checked = info.check_options(options, image_size)
     except ArgError as error:

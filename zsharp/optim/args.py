@@ -67,11 +67,14 @@ class Arg:
     # --- checking -----------------------------------------------------------------------
 
     def _range_text(self) -> str:
+        def show(bound: float) -> str:
+            return str(int(bound)) if self.kind == "integer" else f"{bound:g}"
+
         parts = []
         if self.minimum is not None:
-            parts.append(f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}")
+            parts.append(f"{'>' if self.exclusive_minimum else '>='} {show(self.minimum)}")
         if self.maximum is not None:
-            parts.append(f"{'<' if self.exclusive_maximum else '<='} {self.maximum:g}")
+            parts.append(f"{'<' if self.exclusive_maximum else '<='} {show(self.maximum)}")
         return " and ".join(parts)
 
     def describe(self) -> str:
@@ -165,9 +168,7 @@ class Arg:
         return out
 
 
-def check_args(
-    args: Iterable[Arg], values: Mapping[str, Any], owner: str
-) -> dict[str, Any]:
+def check_args(args: Iterable[Arg], values: Mapping[str, Any], owner: str) -> dict[str, Any]:
     """Check ``values`` against ``args`` by name; return them normalised.
 
     Raises an :class:`ArgError` naming the first unknown or invalid argument (``owner`` is
