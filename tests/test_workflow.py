@@ -49,7 +49,10 @@ def test_outputs_exist_and_say_what_ran(grid_run: Path) -> None:
             assert image.size[0] > 300
     cell = exp / "cells/digits/resnet20/zsharp/seed0"
     summary = json.loads((cell / "summary.json").read_text())
-    assert summary["config"]["opt_args"] == {"rho": 0.05, "percentile": 95.0}
+    assert summary["config"]["opt_args"] == {  # the registry's defaults filled in
+        "rho": 0.05, "percentile": 95.0, "adaptive": False, "eta": 0.0, "variant": "paper"
+    }  # fmt: skip
+    assert summary["label"] == "zsharp" and summary["key"] == "digits/resnet20/zsharp/seed0"
     assert (cell / "model.pt").exists() and (cell / "eval.json").exists()
     assert not (cell / "checkpoint.pt").exists()
     # every rule has its log and benchmark; W&B runs are offline files beside the cells
@@ -69,7 +72,7 @@ def test_finished_grid_has_nothing_to_do(grid_run: Path) -> None:
 
 def test_changing_runtime_or_wandb_settings_reruns_nothing(grid_run: Path) -> None:
     config = tiny_config(
-        wandb={"mode": "disabled", "project": "elsewhere"}, runtime={"device": "cpu", "amp": "none"}
+        wandb={"mode": "disabled", "project": "elsewhere"}, runtime={"device": "cpu", "compile": False}
     )
     path = write_config(grid_run, config, name="runtime.yaml")
     result = snakemake(grid_run, "-n", config=path)

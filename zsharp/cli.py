@@ -12,7 +12,7 @@ after writing a checkpoint (run the same command again to continue); 4 a non-fin
 
 Runtime settings that do not change what a cell computes can also come from the
 environment (the Snakemake workflow sets them from its config): ``ZSHARP_DEVICE``,
-``ZSHARP_AMP``, ``ZSHARP_COMPILE``, and W&B's own ``WANDB_MODE``, ``WANDB_PROJECT``,
+``ZSHARP_COMPILE``, and W&B's own ``WANDB_MODE``, ``WANDB_PROJECT``,
 ``WANDB_ENTITY``, ``WANDB_DIR``.
 """
 
@@ -31,7 +31,6 @@ import yaml
 
 from zsharp import __version__
 from zsharp.config import (
-    AMP_MODES,
     CELL_KEYS,
     EVALUATE,
     SETTINGS,
@@ -194,12 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_and_device_arguments(run)
     run.add_argument("--checkpoint", type=Path, default=None, help="default: <out>/checkpoint.pt")
     run.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        default=os.environ.get("ZSHARP_AMP", "auto"),
-        help="autocast dtype (auto: bf16 on CUDA, none on CPU; default: $ZSHARP_AMP, else auto)",
-    )
-    run.add_argument(
         "--compile",
         action="store_true",
         default=_env_flag("ZSHARP_COMPILE"),
@@ -324,7 +317,6 @@ def _train(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         checkpoint=args.checkpoint,
         device=args.device,
-        amp=args.amp,
         compile=args.compile,
         threads=args.threads,
         progress=args.progress,

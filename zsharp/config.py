@@ -28,7 +28,7 @@ from zsharp.models.registry import get_model, is_timm
 from zsharp.optim.args import Arg, ArgError, check_args
 from zsharp.optim.registry import base_names, get_optimizer
 
-AMP_MODES = ("auto", "bf16", "fp16", "none")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 # np.random.seed takes seeds below 2**32, and every generator of a cell is seeded with it
 MAX_SEED = 2**32 - 1
@@ -74,6 +74,11 @@ class CellConfig:
     warmup_epochs: int = _setting(
         Arg("warmup_epochs", "integer", 0, "linear warm-up epochs", minimum=0)
     )
+    warmup_per_epoch: bool = _setting(
+        Arg("warmup_per_epoch", "boolean", False, "set the LR once per epoch, the warm-up "
+            "starting at 0 (0, 1/W, …, 1 × lr) and the schedule after it counted from epoch "
+            "W + 1, as the released code's GradualWarmupScheduler; false: a per-step ramp")
+    )  # fmt: skip
     decay_every: int = _setting(
         Arg("decay_every", "integer", 10, "paper schedule: epochs between decays", minimum=1)
     )
@@ -94,6 +99,26 @@ class CellConfig:
     eval_batch_size: int = _setting(
         Arg("eval_batch_size", "integer", 1000, "batch size of the per-epoch test", minimum=1)
     )
+    precision: str = _setting(
+        Arg("precision", "string", "fp32", "fp32: full float32, TF32 off; tf32: float32 "
+            "with TF32 matmuls and convolutions (CUDA); bf16, fp16: autocast (fp16 with a "
+            "GradScaler)", choices=PRECISIONS)
+    )  # fmt: skip
+    bn_both_passes: bool = _setting(
+        Arg("bn_both_passes", "boolean", False, "BatchNorm running statistics updated in "
+            "both forward passes of a sharpness-aware step (the released code); false: the "
+            "first pass only, so each batch counts once")
+    )  # fmt: skip
+    adaptive_scope: str = _setting(
+        Arg("adaptive_scope", "string", "all", "which tensors ASAM scales by T = |w| + η: "
+            "all, or weights (tensors named *weight*; others T = 1, as the released code's "
+            "ASAM)", choices=("all", "weights"))
+    )  # fmt: skip
+    train_metrics_at: str = _setting(
+        Arg("train_metrics_at", "string", "w", "where a sharpness-aware step's training "
+            "loss and accuracy are measured: w, or w+eps (the released code)",
+            choices=("w", "w+eps"))
+    )  # fmt: skip
 
     def validate(self, deep: bool = True) -> CellConfig:
         """Check every value in place (numbers normalised); raise :class:`ConfigError`
@@ -133,9 +158,20 @@ class CellConfig:
                 )
             except ArgError as error:
                 raise ConfigError(f"model_args.{error}") from None
+        if self.adaptive_scope != "all" and not self.adaptive:
+            raise ConfigError(
+                f"adaptive_scope: {self.adaptive_scope!r} applies to ASAM only (asam, "
+                f"zsharp-asam, or adaptive: true), not to {self.optimizer}"
+            )
         if deep:
             self._check_buildable()
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the optimizer scales its neighbourhood by T = |w| + η (ASAM)."""
+        info = get_optimizer(self.optimizer)
+        return bool(info.fixed.get("adaptive", self.opt_args.get("adaptive", False)))
 
     @property
     def spec(self) -> Any:
@@ -205,7 +241,6 @@ class Runtime:
     data_root: Path = Path("data")
     checkpoint: Path | None = None  # default: <out>/checkpoint.pt
     device: str = "auto"
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU
     compile: bool = False
     threads: int | None = None
     progress: str = "auto"  # auto: a bar on a terminal, a line per epoch otherwise
@@ -221,8 +256,6 @@ class Runtime:
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
         import torch
 
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp: must be one of {list(AMP_MODES)}, got {self.amp!r}")
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
             raise ConfigError(
                 f"wandb_mode: must be one of {list(WANDB_MODES)}, got {self.wandb_mode!r}"

@@ -283,7 +283,9 @@ def load_grid(config: Any) -> Grid:
                         )  # fmt: skip
                     except ConfigError as error:
                         where = f"{dataset}/{model}/{label}"
-                        raise _located(error, source, where, f"optimizers.{label}.optimizer") from None
+                        raise _located(
+                            error, source, where, f"optimizers.{label}.optimizer"
+                        ) from None
                     cells.append(Cell(dataset, model, label, seed, copy.deepcopy(cfg)))
     return Grid(config, cells)
 

@@ -24,11 +24,16 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``auto`` is bf16 on CUDA and full precision on the CPU."""
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Apply a cell's ``precision``; return the autocast dtype (None: no autocast).
+
+    fp32 turns TF32 off for matmuls and cuDNN convolutions (PyTorch leaves it on for
+    convolutions by default); tf32 turns both on; bf16 and fp16 autocast.
+    """
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def load_data(cfg: CellConfig, root: Path) -> Prepared:

@@ -41,7 +41,7 @@ from zsharp.config import CellConfig, Runtime, run_group, run_name
 from zsharp.data.loader import DeviceLoader, eval_loader, train_loader
 from zsharp.metrics import evaluate
 from zsharp.optim import SAM, create, disable_running_stats
-from zsharp.runtime import amp_dtype, build_cell_model, load_data, select_device
+from zsharp.runtime import build_cell_model, load_data, select_device, set_precision
 from zsharp.schedule import lr_lambda
 from zsharp.tracking import Tracker
 
@@ -63,6 +63,18 @@ class PreemptedError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def param_groups(model: torch.nn.Module, cfg: CellConfig) -> list[dict[str, Any]]:
+    """The model's parameters as the optimizer's groups: one group, or for ASAM with
+    ``adaptive_scope: weights`` the tensors named *weight* (scaled by T = |w| + η) and the
+    rest (T = 1) in two groups under one global norm, as the released code's ASAM."""
+    if cfg.adaptive_scope == "all":
+        return [{"params": list(model.parameters())}]
+    named = list(model.named_parameters())
+    weights = [p for name, p in named if "weight" in name]
+    others = [p for name, p in named if "weight" not in name]
+    return [{"params": weights}, {"params": others, "adaptive": False}]
 
 
 class StopSignals:
@@ -108,7 +120,7 @@ class CellTrainer:
     def __init__(self, cfg: CellConfig, rt: Runtime) -> None:
         self.cfg, self.rt = cfg.validate(), rt
         self.device = select_device(rt.device)
-        self.autocast_dtype = amp_dtype(rt.amp, self.device)
+        self.autocast_dtype = set_precision(cfg.precision, self.device)
         if rt.threads:
             torch.set_num_threads(rt.threads)
         self.data = load_data(cfg, rt.data_root)
@@ -119,7 +131,7 @@ class CellTrainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.forward: Callable[[Tensor], Tensor] = torch.compile(model) if rt.compile else model
-        self.optimizer = create(cfg.optimizer, model.parameters(), **cfg.optimizer_kwargs())
+        self.optimizer = create(cfg.optimizer, param_groups(model, cfg), **cfg.optimizer_kwargs())
         self.sam = isinstance(self.optimizer, SAM)
         self.train_batches: DeviceLoader = train_loader(
             self.data,
@@ -222,15 +234,19 @@ class CellTrainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step; returns (loss at w, number correct), both on the device."""
+        """One optimizer step; returns (training loss, number correct), both on the device:
+        measured at w, or at w + ε for a sharpness-aware step with ``train_metrics_at``."""
         loss, logits = self._loss(x, y)
         self._backward(loss)
         if self.sam:
             assert isinstance(self.optimizer, SAM)
             self.optimizer.first_step(zero_grad=True, grad_scaler=self.scaler)
-            with disable_running_stats(self.model):
-                self._backward(self._loss(x, y)[0])
+            with disable_running_stats(self.model, enabled=not self.cfg.bn_both_passes):
+                perturbed, perturbed_logits = self._loss(x, y)
+                self._backward(perturbed)
             self.optimizer.second_step(zero_grad=True, grad_scaler=self.scaler)
+            if self.cfg.train_metrics_at == "w+eps":
+                loss, logits = perturbed, perturbed_logits
         else:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -328,9 +344,7 @@ def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, A
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "device": str(trainer.device),
         "device_name": torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
-        "amp": str(trainer.autocast_dtype).replace("torch.", "")
-        if trainer.autocast_dtype
-        else "none",
+        "precision": cfg.precision,
         "compile": rt.compile,
         "versions": {"zsharp": __version__, "torch": torch.__version__},
         "wandb_run_id": trainer.progress.wandb_run_id,
@@ -393,7 +407,6 @@ def train_cell(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
         config={
             **cfg.to_dict(),
             "device": str(trainer.device),
-            "amp": rt.amp,
             "compile": rt.compile,
             "zsharp": __version__,
         },

@@ -73,7 +73,6 @@ def resource(rule, key, default):
 # already set in the environment wins (e.g. `docker run -e WANDB_MODE=online`).
 for _variable, _value in {
     "ZSHARP_DEVICE": C["runtime"].get("device"),
-    "ZSHARP_AMP": C["runtime"].get("amp"),
     "ZSHARP_COMPILE": {True: "1", False: "0"}.get(C["runtime"].get("compile")),
     "WANDB_MODE": C["wandb"].get("mode"),
     "WANDB_PROJECT": C["wandb"].get("project"),

@@ -80,6 +80,14 @@ SHORTCUT = Arg(
     "shortcut", "string", "A", "A: parameter-free padding shortcuts (He et al.), B: 1×1 "
     "projections", choices=("A", "B"),
 )  # fmt: skip
+INPUT_NORM = Arg(
+    "input_norm", "string", "none", "normalise inside the model too, with this dataset's "
+    "constants (the released code's ResNets and VGGs: cifar10)", choices=("none", "cifar10"),
+)  # fmt: skip
+FINAL_POOL = Arg(
+    "final_pool", "string", "max", "max: five max-pools; avg: four, then the 2×2 map "
+    "averaged (the released code's head)", choices=("max", "avg"),
+)  # fmt: skip
 DROPOUT = Arg("dropout", "number", 0.0, "dropout probability", minimum=0, maximum=1,
               exclusive_maximum=True)  # fmt: skip
 PATCH_SIZE = Arg("patch_size", "integer", None, "patch side in pixels (default: the largest "
@@ -96,13 +104,13 @@ def _patch_divides(options: Mapping[str, Any], image_size: int) -> None:
 
 for _info in (
     *(
-        ModelInfo(f"resnet{d}", f"zsharp.models.resnet_cifar:resnet{d}", (SHORTCUT,),
+        ModelInfo(f"resnet{d}", f"zsharp.models.resnet_cifar:resnet{d}", (SHORTCUT, INPUT_NORM),
                   f"CIFAR ResNet-{d} (He et al. 2016)")
         for d in (20, 32, 56, 110)
     ),
-    ModelInfo("vgg16_bn", "zsharp.models.vgg:vgg16_bn", (),
+    ModelInfo("vgg16_bn", "zsharp.models.vgg:vgg16_bn", (FINAL_POOL, INPUT_NORM),
               "VGG-16 + BatchNorm, one linear head"),
-    ModelInfo("vgg19_bn", "zsharp.models.vgg:vgg19_bn", (),
+    ModelInfo("vgg19_bn", "zsharp.models.vgg:vgg19_bn", (FINAL_POOL, INPUT_NORM),
               "VGG-19 + BatchNorm, one linear head"),
     ModelInfo("vit", "zsharp.models.vit:vit", (PATCH_SIZE, DROPOUT, REFERENCE_QUIRKS),
               "the paper's small ViT (7 layers, 12 heads, hidden 384)", _patch_divides),

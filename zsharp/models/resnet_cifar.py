@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsharp.models.normalize import with_input_norm
+
 Shortcut = Literal["A", "B"]
 
 CIFAR_RESNET_DEPTHS: tuple[int, ...] = (20, 32, 44, 56, 110)
@@ -140,9 +142,13 @@ def cifar_resnet(
 
 def _builder(depth: int):  # type: ignore[no-untyped-def]
     def build(
-        num_classes: int, image_size: int, in_channels: int = 3, shortcut: Shortcut = "A"
-    ) -> CifarResNet:
-        return cifar_resnet(depth, num_classes, in_channels, shortcut)
+        num_classes: int,
+        image_size: int,
+        in_channels: int = 3,
+        shortcut: Shortcut = "A",
+        input_norm: str = "none",
+    ) -> nn.Module:
+        return with_input_norm(cifar_resnet(depth, num_classes, in_channels, shortcut), input_norm)
 
     build.__name__ = build.__qualname__ = f"resnet{depth}"
     build.__doc__ = f"CIFAR ResNet-{depth} (the registry's builder; image_size is not used)."

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zsharp.models.normalize import with_input_norm
+
 # torchvision's VGG configurations; "M" is a 2×2 max-pool.
 VGG_CONFIGS: dict[str, tuple[int | str, ...]] = {
     "D": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -56,11 +58,22 @@ class VGG(nn.Module):
         num_classes: size of the output layer.
         image_size: input height/width, used to decide which max-pools to keep.
         in_channels: image channels.
+        final_pool: ``"max"``: five max-pools (a 1×1 map on 32×32 inputs); ``"avg"``: the
+            released code's head, four max-pools, then the remaining (2×2) map averaged.
     """
 
-    def __init__(self, config: str, num_classes: int, image_size: int, in_channels: int = 3):
+    def __init__(
+        self,
+        config: str,
+        num_classes: int,
+        image_size: int,
+        in_channels: int = 3,
+        final_pool: str = "max",
+    ):
         super().__init__()
         cfg = VGG_CONFIGS[config]
+        if final_pool == "avg":  # the released code: no fifth max-pool, average the map
+            cfg = cfg[:-1]
         keep = iter(kept_pools(cfg, image_size))
         layers: list[nn.Module] = []
         channels = in_channels
@@ -96,11 +109,23 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(out, 1))
 
 
-def vgg16_bn(num_classes: int, image_size: int, in_channels: int = 3) -> VGG:
+def vgg16_bn(
+    num_classes: int,
+    image_size: int,
+    in_channels: int = 3,
+    final_pool: str = "max",
+    input_norm: str = "none",
+) -> nn.Module:
     """VGG-16 with BatchNorm (configuration D, Simonyan & Zisserman 2015), CIFAR head."""
-    return VGG("D", num_classes, image_size, in_channels)
+    return with_input_norm(VGG("D", num_classes, image_size, in_channels, final_pool), input_norm)
 
 
-def vgg19_bn(num_classes: int, image_size: int, in_channels: int = 3) -> VGG:
+def vgg19_bn(
+    num_classes: int,
+    image_size: int,
+    in_channels: int = 3,
+    final_pool: str = "max",
+    input_norm: str = "none",
+) -> nn.Module:
     """VGG-19 with BatchNorm (configuration E, Simonyan & Zisserman 2015), CIFAR head."""
-    return VGG("E", num_classes, image_size, in_channels)
+    return with_input_norm(VGG("E", num_classes, image_size, in_channels, final_pool), input_norm)
