@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,3 +310,48 @@ def test_the_registries_read_without_torch() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# --- sweeps --------------------------------------------------------------------------------
+
+
+def test_a_sweep_expands_into_one_labelled_entry_per_combination() -> None:
+    config = tiny_config(
+        optimizers={
+            "sam": {},
+            "zsharp": {"opt_args": {"rho": 0.05}, "sweep": {"percentile": [0, 90, 99.9]}},
+            "sgd": {"sweep": {"lr": ["1e-2", 0.1], "momentum": [0.0, 0.9]}},
+        }
+    )
+    grid = load_grid(config)
+    labels = list(dict.fromkeys(c.label for c in grid.cells))
+    assert labels == [
+        "sam", "zsharp-p0", "zsharp-p90", "zsharp-p99.9",
+        "sgd-lr0.01-momentum0", "sgd-lr0.01-momentum0.9", "sgd-lr0.1-momentum0",
+        "sgd-lr0.1-momentum0.9",
+    ]  # fmt: skip
+    p90 = grid.cell("digits", "resnet20", "zsharp-p90", 0).config
+    assert p90.optimizer == "zsharp" and p90.opt_args["percentile"] == 90.0
+    assert p90.opt_args["rho"] == 0.05  # the entry's own settings stay
+    assert grid.cell("digits", "resnet20", "sgd-lr0.01-momentum0.9", 0).config.lr == 0.01
+    assert grid.sweeps["zsharp-p90"].family == "zsharp"
+    assert grid.sweeps["zsharp-p90"].values == {"percentile": 90}
+    # adding a value adds entries; every other cell keeps its label and configuration
+    config["optimizers"]["zsharp"]["sweep"]["percentile"].append(95)
+    more = load_grid(config)
+    before = {c.key: c.config_json() for c in grid.cells}
+    after = {c.key: c.config_json() for c in more.cells}
+    assert set(after) - set(before) == {"digits/resnet20/zsharp-p95/seed0"}
+    assert all(after[key] == value for key, value in before.items())
+
+
+@pytest.mark.parametrize(
+    ("sweep", "key"),
+    [({"percentile": [100]}, "optimizers.zsharp.sweep.percentile"),
+     ({"rho": ["big"]}, "optimizers.zsharp.sweep.rho"),
+     ({"percentile": []}, "optimizers.zsharp.sweep.percentile"),
+     ({"sigma": [1.0]}, "optimizers.zsharp.sweep.sigma")],
+)  # fmt: skip
+def test_a_bad_swept_value_names_the_sweep(sweep: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(key)}"):
+        load_grid(tiny_config(optimizers={"zsharp": {"sweep": sweep}}))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -74,12 +75,22 @@ class Cell:
         return json.dumps(self.config.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """An entry expanded from a swept one: its family (the swept entry's label) and the
+    values it takes."""
+
+    family: str
+    values: dict[str, Any]
+
+
 @dataclass
 class Grid:
     """A validated workflow config and its cells."""
 
     config: dict[str, Any]
     cells: list[Cell]
+    sweeps: dict[str, Sweep] = field(default_factory=dict)  # label → its sweep
 
     @property
     def experiment_dir(self) -> Path:
@@ -253,6 +264,18 @@ def cell_settings(
     return optimizer, settings, source
 
 
+def _unswept(error: GridError, label: str, sweep: Sweep | None) -> GridError:
+    """An error of an expanded entry, addressed to the swept entry the user wrote."""
+    if sweep is None:
+        return error
+    text = str(error).replace(f"optimizers.{label}.", f"optimizers.{sweep.family}.", 1)
+    for key in sweep.values:
+        for form in (f".opt_args.{key}:", f".{key}:"):
+            text = text.replace(f"optimizers.{sweep.family}{form}",
+                                f"optimizers.{sweep.family}.sweep.{key}:", 1)  # fmt: skip
+    return GridError(text)
+
+
 def _located(error: ConfigError, source: dict[str, str], cell: str, fallback: str) -> GridError:
     """The cell's error, re-addressed to the config key the bad value came from."""
     key, _, detail = str(error).partition(": ")
@@ -265,9 +288,51 @@ def _cell(dataset: str, model: str, optimizer: str, frozen: str) -> CellConfig:
     return cell_config(dataset, model, optimizer, deep=False, **json.loads(frozen))
 
 
+# short names of swept keys in the labels they make (zsharp-p90, as the paper names them)
+_SHORT = {"percentile": "p"}
+
+
+def _number_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def expand_sweeps(optimizers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Sweep]]:
+    """Optimizer entries with every ``sweep`` expanded into one entry per combination.
+
+    A swept key that is an argument of the entry's optimizer goes into its ``opt_args``,
+    any other into its settings. Labels are ``<label>-<short key><value>``, so adding a value
+    adds entries and leaves the others' labels (and cached cells) as they were.
+    """
+    entries: dict[str, Any] = {}
+    sweeps: dict[str, Sweep] = {}
+    for label, entry in optimizers.items():
+        entry = dict(entry or {})
+        sweep = entry.pop("sweep", None)
+        if not sweep:
+            entries[label] = entry
+            continue
+        name = entry.get("optimizer", label)
+        settings = {a.name for a in SETTINGS}
+        own = (OPTIMIZERS[name].arg_names if name in OPTIMIZERS else frozenset()) - settings
+        keys = list(sweep)
+        for combination in itertools.product(*(sweep[k] for k in keys)):
+            values = dict(zip(keys, (as_number(v) for v in combination), strict=True))
+            suffix = "-".join(f"{_SHORT.get(k, k)}{_number_text(v)}" for k, v in values.items())
+            expanded = {**entry, "optimizer": name, "opt_args": dict(entry.get("opt_args") or {})}
+            for key, value in values.items():
+                (expanded["opt_args"] if key in own else expanded)[key] = value
+            if f"{label}-{suffix}" in optimizers:
+                raise GridError(f"optimizers.{label}.sweep: makes {label}-{suffix}, which is "
+                                "also an entry of its own")  # fmt: skip
+            entries[f"{label}-{suffix}"] = expanded
+            sweeps[f"{label}-{suffix}"] = Sweep(label, values)
+    return entries, sweeps
+
+
 def load_grid(config: Any) -> Grid:
     """Validate ``config`` (schema, then every cell's settings) and expand the grid."""
     config = check_schema(config)
+    config["optimizers"], sweeps = expand_sweeps(config["optimizers"])
     _check_references(config)
     cells = []
     for dataset in config["datasets"]:
@@ -283,11 +348,10 @@ def load_grid(config: Any) -> Grid:
                         )  # fmt: skip
                     except ConfigError as error:
                         where = f"{dataset}/{model}/{label}"
-                        raise _located(
-                            error, source, where, f"optimizers.{label}.optimizer"
-                        ) from None
+                        located = _located(error, source, where, f"optimizers.{label}.optimizer")
+                        raise _unswept(located, label, sweeps.get(label)) from None
                     cells.append(Cell(dataset, model, label, seed, copy.deepcopy(cfg)))
-    return Grid(config, cells)
+    return Grid(config, cells, sweeps)
 
 
 def _check_references(config: dict[str, Any]) -> None:
