@@ -31,12 +31,14 @@ _LAZY = {
     "zscore_mask": "zsharp.optim.zscore",
     "create": "zsharp.optim.factory",
     "disable_running_stats": "zsharp.optim.bn",
+    "SharpnessAwareStep": "zsharp.optim.step",
 }
 
 __all__ = [
     "OPTIMIZERS",
     "SAM",
     "VARIANTS",
+    "SharpnessAwareStep",
     "FriendlySAM",
     "OptimizerInfo",
     "ZScoreFilter",
