@@ -421,3 +421,20 @@ def test_aggregate_names_cells_outside_the_workflow_layout(reference_run, tmp_pa
     )
     seeds = (tmp_path / "table" / "seeds.csv").read_text()
     assert "digits,resnet20,zsharp,3," in seeds
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sam_interval_makes_every_kth_step_two_pass(data_root, tmp_path, k: int) -> None:
+    """Forward passes over one epoch of n steps: n + ⌈n/k⌉ (count with a hook)."""
+    from zsharp.train import CellTrainer, StopSignals
+
+    cfg = cell_config(
+        "digits", "resnet20", "zsharp", epochs=1, batch_size=256, sam_interval=k, deep=False
+    )
+    trainer = CellTrainer(cfg, Runtime(out=tmp_path, data_root=data_root, threads=1))
+    calls = []
+    trainer.model.register_forward_hook(lambda *_: calls.append(1))
+    with StopSignals() as stop:
+        trainer.train_epoch(stop, None)
+    n = len(trainer.train_batches)
+    assert n > k and len(calls) == n + -(-n // k)

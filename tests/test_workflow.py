@@ -72,7 +72,8 @@ def test_finished_grid_has_nothing_to_do(grid_run: Path) -> None:
 
 def test_changing_runtime_or_wandb_settings_reruns_nothing(grid_run: Path) -> None:
     config = tiny_config(
-        wandb={"mode": "disabled", "project": "elsewhere"}, runtime={"device": "cpu", "compile": False}
+        wandb={"mode": "disabled", "project": "elsewhere"},
+        runtime={"device": "cpu", "compile": False},
     )
     path = write_config(grid_run, config, name="runtime.yaml")
     result = snakemake(grid_run, "-n", config=path)

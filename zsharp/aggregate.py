@@ -1,8 +1,11 @@
 """Aggregate finished cells into a table, a paired comparison, plots and a W&B run.
 
 Per cell (dataset × model × optimizer entry) the mean ± std over seeds of the final and
-best test accuracy, test loss, ECE, sharpness, final train loss and training time; a cell
-whose training failed is counted and shown as FAILED instead of breaking the table. The
+best test accuracy, test loss, ECE, sharpness, final train loss and training time. A seed
+whose training failed for good (a divergence, a configuration that cannot run) is counted
+and shown as FAILED; one with no result (a transient fault on its last attempt, which the
+next run retries; a summary that is absent or unreadable) as MISSING, with the reason and a
+warning naming the file, instead of breaking the table. The
 paired comparison takes each candidate (e.g. ZSharp) minus the baseline (SAM) seed by seed
 and reports the mean difference, its std, the wins and a paired t-test.
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,8 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
-from zsharp.atomic import atomic_open
+from zsharp.atomic import DirectoryLock, atomic_open, remove_stale_temps
+from zsharp.config import ConfigError
 from zsharp.grid import comparison
 
 METRICS = (
@@ -44,8 +50,27 @@ METRICS = (
 CELL = ["dataset", "model", "optimizer"]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+# a cell's path in the workflow's layout: .../cells/<dataset>/<model>/<entry>/seed<k>
+_LAYOUT = re.compile(r"seed(\d+)")
+
+
+class AggregateError(ConfigError):
+    """Nothing to aggregate: bad input (the command line exits 2); the message names the
+    file."""
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """(the document, None), (None, None) if there is no file, or (None, why not)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as error:
+        return None, f"{path}: cannot be read: {error}"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as error:
+        return None, f"{path}: not valid JSON ({error})"
 
 
 def cell_identity(cell: Path, summary: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -53,48 +78,125 @@ def cell_identity(cell: Path, summary: dict[str, Any]) -> tuple[str, str, str, i
     entry is the grid's label (two entries may share one optimizer), else the optimizer."""
     config = summary.get("config")
     if not isinstance(config, dict):
-        raise ValueError(f"{cell / 'summary.json'}: missing, or it records no configuration")
-    label = summary.get("label") or config["optimizer"]
-    return config["dataset"], config["model"], label, int(config["seed"])
+        raise ValueError(f"{cell / 'summary.json'}: records no configuration")
+    try:
+        label = summary.get("label") or config["optimizer"]
+        return str(config["dataset"]), str(config["model"]), str(label), int(config["seed"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{cell / 'summary.json'}: its configuration lacks {error}") from None
+
+
+def _identity_from_path(cell: Path) -> tuple[str, str, str, int] | None:
+    """The identity the workflow's layout gives a cell without a readable summary."""
+    parts = cell.absolute().parts
+    match = _LAYOUT.fullmatch(parts[-1]) if len(parts) >= 4 else None
+    if match is None:
+        return None
+    return parts[-4], parts[-3], parts[-2], int(match.group(1))
+
+
+def _no_result(cell: Path, reason: str, warn: list[str]) -> dict[str, Any] | None:
+    """The row of a seed with no usable result (warned about), if its identity is known."""
+    identity = _identity_from_path(cell)
+    if identity is None:
+        warn.append(f"{reason}; {cell} is left out (not a <dataset>/<model>/<entry>/seed<k> path)")
+        return None
+    warn.append(f"{reason}; {cell} shows as MISSING")
+    dataset, model, label, seed = identity
+    return {
+        "dataset": dataset, "model": model, "optimizer": label, "seed": seed,
+        "method": label, "status": "missing", "error": reason,
+    }  # fmt: skip
+
+
+def _row(cell: Path, warn: list[str]) -> dict[str, Any] | None:
+    """One seed's row: its status and, for a result, its metrics (None: unplaceable)."""
+    summary, problem = _read_json(cell / "summary.json")
+    if problem is None and summary is None:
+        problem = f"{cell / 'summary.json'}: not found (the cell has not finished)"
+    if problem is None and not isinstance(summary, dict):
+        problem = f"{cell / 'summary.json'}: not a JSON object"
+    if problem is not None:
+        return _no_result(cell, problem, warn)
+    try:
+        dataset, model, label, seed = cell_identity(cell, summary)
+    except ValueError as error:
+        return _no_result(cell, str(error), warn)
+    status = summary.get("status", "ok")
+    error = str(summary.get("error", ""))
+    if status == "failed" and summary.get("transient"):  # no result: the next run retries
+        status = "missing"
+    row: dict[str, Any] = {
+        "dataset": dataset, "model": model, "optimizer": label, "seed": seed,
+        "method": summary["config"].get("optimizer", label), "status": status, "error": error,
+    }  # fmt: skip
+    if status != "ok":
+        return row
+    evaluation, problem = _read_json(cell / "eval.json")
+    if problem is not None or (evaluation is not None and not isinstance(evaluation, dict)):
+        warn.append(f"{problem or cell / 'eval.json'}: ignored; no ECE or sharpness for this seed")
+        evaluation = None
+    evaluation = evaluation or {}
+    try:
+        final = summary["final"]
+        row |= {
+            "final_test_acc": float(final["test_acc"]),
+            "best_test_acc": float(summary["best"]["test_acc"]),
+            "test_loss": float(final["test_loss"]),
+            "final_train_loss": float(final["train_loss"]),
+            "train_seconds": float(summary["train_seconds"]),
+            "ece": evaluation.get("ece", math.nan),
+            "sharpness": evaluation.get("sharpness", math.nan),
+        }
+    except (KeyError, TypeError, ValueError) as error:
+        reason = f"{cell / 'summary.json'}: a result without {error}"
+        warn.append(f"{reason}; {cell} shows as MISSING")
+        return {**{k: row[k] for k in (*CELL, "seed", "method")}, "status": "missing",
+                "error": reason}  # fmt: skip
+    return row
+
+
+def _curve(cell: Path, row: dict[str, Any], warn: list[str]) -> list[dict[str, Any]]:
+    """The per-epoch test accuracy of a seed with a result (none if unreadable, warned)."""
+    points = []
+    try:
+        for line in (cell / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            points.append(
+                {
+                    **{k: row[k] for k in (*CELL, "seed")},
+                    "epoch": int(record["epoch"]),
+                    "test_acc": float(record["test_acc"]),
+                }
+            )
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        warn.append(f"{cell / 'metrics.jsonl'}: unreadable ({error}); no curve for this seed")
+        return []
+    return points
 
 
 def seed_rows(cells: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per cell directory (a seed) and the per-epoch curves of all of them."""
-    rows, curves = [], []
+    """One row per cell directory (a seed) and the per-epoch curves of all of them. A cell
+    without a usable summary is a MISSING seed, placed by its path in the workflow's
+    layout (``<dataset>/<model>/<entry>/seed<k>``) and otherwise left out, with a warning
+    either way; :class:`AggregateError` if no cell is left."""
+    rows, curves, warn = [], [], []
     for cell in cells:
         cell = Path(cell)
-        summary = _read_json(cell / "summary.json") or {}
-        evaluation = _read_json(cell / "eval.json") or {}
-        dataset, model, label, seed = cell_identity(cell, summary)
-        status = summary.get("status", "ok")
-        row: dict[str, Any] = {
-            "dataset": dataset, "model": model, "optimizer": label, "seed": seed,
-            "method": summary.get("config", {}).get("optimizer", label), "status": status,
-            "error": summary.get("error", ""),
-        }  # fmt: skip
-        if status == "ok":
-            final = summary["final"]
-            row |= {
-                "final_test_acc": final["test_acc"],
-                "best_test_acc": summary["best"]["test_acc"],
-                "test_loss": final["test_loss"],
-                "final_train_loss": final["train_loss"],
-                "train_seconds": summary["train_seconds"],
-                "ece": evaluation.get("ece", math.nan),
-                "sharpness": evaluation.get("sharpness", math.nan),
-            }
+        row = _row(cell, warn)
+        if row is None:
+            continue
         rows.append(row)
-        metrics = cell / "metrics.jsonl"
-        if status == "ok" and metrics.exists():
-            for line in metrics.read_text().splitlines():
-                record = json.loads(line)
-                curves.append(
-                    {
-                        **{k: row[k] for k in (*CELL, "seed")},
-                        "epoch": record["epoch"],
-                        "test_acc": record["test_acc"],
-                    }
-                )
+        if row["status"] == "ok":
+            curves.extend(_curve(cell, row, warn))
+    if not rows:
+        first = warn[0].partition("; ")[0] if warn else "nothing readable"
+        more = f" (and {len(cells) - 1} more)" if len(cells) > 1 else ""
+        raise AggregateError(f"no cell to aggregate: {first}{more}")
+    for message in warn:
+        print(f"zsharp aggregate: warning: {message}", file=sys.stderr, flush=True)
     frame = pd.DataFrame(rows)
     for metric in METRICS:
         if metric not in frame:
@@ -106,7 +208,9 @@ def cell_table(seeds: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over the successful seeds of every metric, per cell."""
     grouped = seeds.groupby(CELL, sort=False)
     table = grouped.agg(
-        seeds=("seed", "size"), failed=("status", lambda s: int((s != "ok").sum()))
+        seeds=("seed", "size"),
+        failed=("status", lambda s: int((s == "failed").sum())),
+        missing=("status", lambda s: int((s == "missing").sum())),
     ).reset_index()
     ok = seeds[seeds["status"] == "ok"]
     stats_frame = ok.groupby(CELL, sort=False)[list(METRICS)].agg(["mean", "std"])
@@ -167,8 +271,8 @@ def markdown(table: pd.DataFrame, comparison: pd.DataFrame, seeds: pd.DataFrame)
     """The human-readable results: cells, comparison, failures."""
     shown = pd.DataFrame({
         "dataset": table["dataset"], "model": table["model"], "optimizer": table["optimizer"],
-        "seeds": [f"{s - f}/{s}" if f == 0 else f"FAILED {f}/{s}"
-                  for s, f in zip(table["seeds"], table["failed"], strict=True)],
+        "seeds": [_seeds(s, f, m) for s, f, m in zip(table["seeds"], table["failed"],
+                                                     table["missing"], strict=True)],
         "final acc %": [_pm(m, s, 100) for m, s in zip(table["final_test_acc_mean"],
                                                      table["final_test_acc_std"], strict=True)],
         "best acc %": [_pm(m, s, 100) for m, s in zip(table["best_test_acc_mean"],
@@ -205,16 +309,29 @@ def markdown(table: pd.DataFrame, comparison: pd.DataFrame, seeds: pd.DataFrame)
                                 for p in comparison["p_value"]],
         })  # fmt: skip
         parts += ["## Paired comparison over seeds", "", comp.to_markdown(index=False), ""]
-    failed = seeds[seeds["status"] != "ok"]
-    if not failed.empty:
-        parts += ["## Failed cells", ""]
-        for _, row in failed.iterrows():
+    for status, title in (
+        ("failed", "## Failed cells"),
+        ("missing", "## Missing cells (no result yet: running the workflow again retries them)"),
+    ):
+        listed = seeds[seeds["status"] == status]
+        if listed.empty:
+            continue
+        parts += [title, ""]
+        for _, row in listed.iterrows():
             parts.append(
                 f"- {row['dataset']}/{row['model']}/{row['optimizer']}/seed"
-                f"{row['seed']}: {row['status']} {row['error']}".rstrip()
+                f"{row['seed']}: {status} {' '.join(str(row['error']).split())}".rstrip()
             )
         parts.append("")
     return "\n".join(parts)
+
+
+def _seeds(total: int, failed: int, missing: int) -> str:
+    """``3/3``; ``FAILED 1/3``; ``MISSING 1/3``; ``FAILED 1/3, MISSING 1/3``."""
+    if failed == 0 and missing == 0:
+        return f"{total}/{total}"
+    marks = [f"FAILED {failed}/{total}"] if failed else []
+    return ", ".join(marks + ([f"MISSING {missing}/{total}"] if missing else []))
 
 
 def plot_curves(curves: pd.DataFrame, out: Path, dataset: str, model: str) -> Path:
@@ -322,6 +439,21 @@ def aggregate(
     table = cell_table(seeds)
     comparison_frame = paired_comparison(seeds, base or baseline, chosen)
     out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "zsharp aggregate"):
+        # a killed aggregate's temporary files: only aggregates write here
+        for folder in (out, out / "plots"):
+            remove_stale_temps(folder)
+        _write_all(out, seeds, curves, table, comparison_frame)
+    return {"seeds": seeds, "table": table, "comparison": comparison_frame}
+
+
+def _write_all(
+    out: Path,
+    seeds: pd.DataFrame,
+    curves: pd.DataFrame,
+    table: pd.DataFrame,
+    comparison_frame: pd.DataFrame,
+) -> None:
     _write_csv(seeds, out / "seeds.csv")
     _write_csv(table, out / "results.csv")
     _write_csv(comparison_frame, out / "comparison.csv")
@@ -332,4 +464,3 @@ def aggregate(
         plot_curves(curves, plots, dataset, model)
     plot_final_accuracy(table, plots / "final_accuracy.png")
     plot_accuracy_vs_sharpness(seeds, plots / "accuracy_vs_sharpness.png")
-    return {"seeds": seeds, "table": table, "comparison": comparison_frame}

@@ -5,15 +5,18 @@
     zsharp evaluate --cell DIR
     zsharp aggregate CELL_DIR... --out DIR
 
-Exit status: 0 success; 1 an unexpected error (with its traceback); 2 bad input (the
-message names the key or file, and nothing was started); 3 interrupted by SIGTERM/SIGUSR1
-after writing a checkpoint (run the same command again to continue); 4 a non-finite loss
-(the last good checkpoint is kept).
+Exit status: 0 success; 1 an unexpected error (a bug: its traceback is printed); 2 bad
+input (the message names the key or file, and nothing was started), a cell in use by
+another process (the message names it), or a refused output folder; 3 interrupted by
+SIGTERM/SIGUSR1 after writing a checkpoint (run the same command again to continue); 4 a
+non-finite loss (the last good checkpoint is kept); 5 a transient fault (a full disk, an
+I/O error, out of memory): one line names the file and errno, nothing is recorded, and the
+same command run again continues from the last checkpoint.
 
 Runtime settings that do not change what a cell computes can also come from the
 environment (the Snakemake workflow sets them from its config): ``ZSHARP_DEVICE``,
-``ZSHARP_COMPILE``, and W&B's own ``WANDB_MODE``, ``WANDB_PROJECT``,
-``WANDB_ENTITY``, ``WANDB_DIR``.
+``ZSHARP_COMPILE``, ``ZSHARP_WANDB_TIMEOUT`` (the longest W&B may make a job wait), and
+W&B's own ``WANDB_MODE``, ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_DIR``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from zsharp.optim.registry import OPTIMIZERS
 from zsharp.plugins import PluginError, load_plugins
 
 EXIT_BAD_INPUT = 2
+EXIT_TRANSIENT = 5  # a full disk, an I/O error, out of memory: run the command again
 _MAPPING_FIELDS = {"opt_args": "--opt", "model_args": "--model-arg"}
 
 
@@ -203,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--record-failure",
         action="store_true",
-        help="on a non-finite loss write a summary with status 'failed' and exit 0, so a "
-        "workflow can tabulate the divergence (used by the Snakemake rules); other errors "
-        "too on the final attempt (see --attempt)",
+        help="on a failure that would recur (a non-finite loss, a configuration that cannot "
+        "be built) write a summary with status 'failed' and exit 0, so a workflow can "
+        "tabulate it (used by the Snakemake rules); a transient fault (I/O, out of memory, "
+        "…) fails the job, and on the last attempt (see --attempt) writes one marked "
+        "transient, which the table shows as missing and the workflow retries next run",
     )
     run.add_argument(
         "--attempt",
@@ -213,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("N", "OF"),
         default=None,
-        help="this is attempt N of OF: with --record-failure, errors other than a "
-        "non-finite loss are recorded only on the last attempt (earlier ones fail, so the "
-        "scheduler retries them)",
+        help="this is attempt N of OF (with --record-failure): transient faults are "
+        "written down only on the last attempt; earlier ones fail, so the scheduler "
+        "retries them",
     )
     run.add_argument(
         "--label", default=None, help="the grid's optimizer entry (default: the optimizer)"
@@ -295,8 +301,8 @@ def _config_document(text: str | None) -> dict[str, Any]:
     return document
 
 
-def cell_from_arguments(args: argparse.Namespace) -> Any:
-    """The CellConfig of ``zsharp train``: ``--config``, then the flags given."""
+def cell_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration document of ``zsharp train``: ``--config``, then the flags given."""
     document = _config_document(args.config_doc)
     for key in (*CELL_KEYS, *(a.name for a in SETTINGS)):
         if getattr(args, key) is not None:
@@ -304,14 +310,23 @@ def cell_from_arguments(args: argparse.Namespace) -> Any:
     for key in _MAPPING_FIELDS:
         if getattr(args, key):
             document[key] = {**document.get(key, {}), **dict(getattr(args, key))}
-    return from_dict(document, deep=True)
+    return document
+
+
+def cell_from_arguments(args: argparse.Namespace) -> Any:
+    """The CellConfig of ``zsharp train``: ``--config``, then the flags given."""
+    return from_dict(cell_document(args), deep=True)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from zsharp.cell import CellError, claim, clear_results
     from zsharp.data import DatasetError
+    from zsharp.tracking import resolve_mode, resolve_timeout
     from zsharp.train import NonFiniteLossError, PreemptedError, record_failure, train_cell
 
-    cfg = cell_from_arguments(args)
+    document = cell_document(args)
+    # the registries' rules: bad input fails here, before any folder is touched
+    cfg = from_dict(document, deep=False)
     rt = Runtime(
         out=args.out,
         data_root=args.data_root,
@@ -328,20 +343,30 @@ def _train(args: argparse.Namespace) -> int:
         label=args.label,
         key=args.key,
     )
-    try:
-        summary = train_cell(cfg, rt)
-    except (PreemptedError, ConfigError, DatasetError, KeyboardInterrupt):
-        raise
-    except Exception as error:
-        final_attempt = args.attempt is None or args.attempt[0] >= args.attempt[1]
-        if not args.record_failure or not (isinstance(error, NonFiniteLossError) or final_attempt):
+    rt.validate()
+    resolve_mode(rt.wandb_mode), resolve_timeout()
+    with claim(args.out):  # one process per cell; refuses /, ~, a folder that is no cell
+        clear_results(args.out)  # a summary.json always belongs to the metrics beside it
+        try:
+            # what only building tells (a timm name, a model option): a property of the
+            # configuration, recorded like a divergence
+            cfg = from_dict(document, deep=True)
+            summary = train_cell(cfg, rt)
+        except (PreemptedError, DatasetError, CellError, KeyboardInterrupt):
             raise
-        record_failure(cfg, rt, error)
-        print(
-            f"zsharp train: recorded a failure in {args.out / 'summary.json'}: {error}",
-            file=sys.stderr,
-        )
-        return 0
+        except Exception as error:
+            recurs = isinstance(error, (NonFiniteLossError, ConfigError))
+            final_attempt = args.attempt is None or args.attempt[0] >= args.attempt[1]
+            if not args.record_failure or not (recurs or final_attempt):
+                raise
+            record_failure(cfg, rt, error, transient=not recurs)
+            what = "a failure" if recurs else "a transient fault (the workflow retries it)"
+            print(
+                f"zsharp train: recorded {what} in {args.out / 'summary.json'}: "
+                + " ".join(str(error).split()),
+                file=sys.stderr,
+            )
+            return 0
     final = summary["final"]
     print(
         f"{args.out}: test_acc {final['test_acc']:.4f} test_loss {final['test_loss']:.4f} "
@@ -358,22 +383,49 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_summary(cell: Path) -> dict[str, Any]:
+    """A cell's summary.json, or a :class:`ConfigError` naming it: absent, unreadable, not
+    JSON, or recording no valid configuration."""
+    path = cell / "summary.json"
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: not found; train the cell first (zsharp train ... --out {cell})"
+        )
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path}: not a readable summary ({error}); train the cell again"
+        ) from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise ConfigError(f"{path}: records no configuration; train the cell again")
+    if summary.get("status") == "ok":
+        try:
+            from_dict(summary["config"])
+        except ConfigError as error:
+            raise ConfigError(f"{path}: config.{error}") from None
+    return summary
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    from zsharp.cell import claim
     from zsharp.evaluate import EvalOptions, evaluate_cell
 
-    result = evaluate_cell(
-        args.cell,
-        EvalOptions(
-            data_root=args.data_root,
-            device=args.device,
-            **{arg.name: getattr(args, arg.name) for arg in EVALUATE},
-            wandb_mode=args.wandb_mode,
-            wandb_project=args.wandb_project,
-            wandb_entity=args.wandb_entity,
-            wandb_dir=args.wandb_dir,
-            wandb_name=args.wandb_name,
-        ),
-    )
+    check_summary(args.cell)
+    with claim(args.cell, "zsharp evaluate", check=False):  # not while a retrain runs
+        result = evaluate_cell(
+            args.cell,
+            EvalOptions(
+                data_root=args.data_root,
+                device=args.device,
+                **{arg.name: getattr(args, arg.name) for arg in EVALUATE},
+                wandb_mode=args.wandb_mode,
+                wandb_project=args.wandb_project,
+                wandb_entity=args.wandb_entity,
+                wandb_dir=args.wandb_dir,
+                wandb_name=args.wandb_name,
+            ),
+        )
     if result["status"] != "ok":
         print(f"{args.cell}: {result['status']}: {result['reason']}")
         return 0
@@ -408,7 +460,10 @@ def _aggregate(args: argparse.Namespace) -> int:
         tracker.log_table(key, list(frame.columns), frame.to_numpy().tolist())
     tracker.finish()
     table = frames["table"]
-    print(f"{args.out}: {len(table)} cells, {int(table['failed'].sum())} failed seeds")
+    print(
+        f"{args.out}: {len(table)} cells, {int(table['failed'].sum())} failed seeds, "
+        f"{int(table['missing'].sum())} missing"
+    )
     return 0
 
 
@@ -443,8 +498,17 @@ COMMANDS = {
 }
 
 
+def _transient(error: BaseException) -> bool:
+    """A fault that running the command again may not meet: I/O (a full disk, a flaky
+    file system), memory (CUDA's OutOfMemoryError is a RuntimeError)."""
+    return isinstance(error, (OSError, MemoryError)) or type(error).__name__ == "OutOfMemoryError"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (see the module docstring)."""
+    from zsharp.atomic import BusyError
+    from zsharp.cell import CellError
+    from zsharp.checkpoint import CorruptCheckpointError
     from zsharp.data import DatasetError
     from zsharp.train import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLossError, PreemptedError
 
@@ -458,10 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a one-line usage error
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    bad_input = (
+        ConfigError, DatasetError, FileNotFoundError, CellError, BusyError, CorruptCheckpointError
+    )  # fmt: skip
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, FileNotFoundError) as error:
-        print(f"zsharp {args.command}: error: {error}", file=sys.stderr)
+    except bad_input as error:
+        print(f"zsharp {args.command}: error: {_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except PreemptedError as error:
         print(f"zsharp {args.command}: {error}", file=sys.stderr)
@@ -469,6 +536,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"zsharp {args.command}: error: {error}", file=sys.stderr)
         return EXIT_NONFINITE
+    except Exception as error:
+        if not _transient(error):
+            raise
+        print(
+            f"zsharp {args.command}: error: {_line(error)} (a transient fault: nothing was "
+            "recorded; fix it and run the same command again)",
+            file=sys.stderr,
+        )
+        return EXIT_TRANSIENT
+
+
+def _line(error: BaseException) -> str:
+    """An error as one line; an OSError with its errno and file."""
+    text = " ".join(str(error).split())
+    if isinstance(error, MemoryError) and not text:
+        text = "out of memory"
+    return text or type(error).__name__
 
 
 if __name__ == "__main__":

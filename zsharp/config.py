@@ -114,6 +114,11 @@ class CellConfig:
             "all, or weights (tensors named *weight*; others T = 1, as the released code's "
             "ASAM)", choices=("all", "weights"))
     )  # fmt: skip
+    sam_interval: int = _setting(
+        Arg("sam_interval", "integer", 1, "k: a sharpness-aware step every k-th step and the "
+            "base optimizer's step otherwise (LookSAM's SAM-k; about 1 + 1/k passes a step)",
+            minimum=1)
+    )  # fmt: skip
     train_metrics_at: str = _setting(
         Arg("train_metrics_at", "string", "w", "where a sharpness-aware step's training "
             "loss and accuracy are measured: w, or w+eps (the released code)",
@@ -162,6 +167,10 @@ class CellConfig:
             raise ConfigError(
                 f"adaptive_scope: {self.adaptive_scope!r} applies to ASAM only (asam, "
                 f"zsharp-asam, or adaptive: true), not to {self.optimizer}"
+            )
+        if self.sam_interval != 1 and get_optimizer(self.optimizer).is_base:
+            raise ConfigError(
+                f"sam_interval: applies to sharpness-aware optimizers, not to {self.optimizer}"
             )
         if deep:
             self._check_buildable()

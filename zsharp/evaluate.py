@@ -70,7 +70,13 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     device = select_device(options.device)
     data = load_data(cfg, options.data_root)
     model = build_cell_model(cfg, data)
-    model.load_state_dict(checkpoint.load(cell / "model.pt"))
+    try:
+        model.load_state_dict(checkpoint.load(cell / "model.pt"))
+    except RuntimeError as error:  # the weights of another model
+        raise ConfigError(
+            f"{cell / 'model.pt'}: does not fit the cell's model "
+            f"({str(error).splitlines()[0]}); train the cell again"
+        ) from None
     model.to(device).eval()
 
     test = evaluate(model, eval_loader(data, cfg.eval_batch_size, device=device))

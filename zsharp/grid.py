@@ -38,8 +38,8 @@ from zsharp.config import (
     ConfigError,
     cell_config,
 )
-from zsharp.data.registry import DATASETS
-from zsharp.models.registry import MODELS, TIMM_PREFIX
+from zsharp.data.registry import DATASETS, get_spec
+from zsharp.models.registry import MODELS, TIMM_PREFIX, is_timm
 from zsharp.optim.args import Arg, as_number
 from zsharp.optim.registry import OPTIMIZERS
 from zsharp.plugins import load_plugins
@@ -334,6 +334,7 @@ def load_grid(config: Any) -> Grid:
     config = check_schema(config)
     config["optimizers"], sweeps = expand_sweeps(config["optimizers"])
     _check_references(config)
+    _check_places(config)
     cells = []
     for dataset in config["datasets"]:
         for model in config["models"]:
@@ -352,6 +353,52 @@ def load_grid(config: Any) -> Grid:
                         raise _unswept(located, label, sweeps.get(label)) from None
                     cells.append(Cell(dataset, model, label, seed, copy.deepcopy(cfg)))
     return Grid(config, cells, sweeps)
+
+
+_NAME_MAX = 255  # the longest folder name common file systems allow
+
+
+def _check_places(config: dict[str, Any]) -> None:
+    """What a job would refuse, refused before any job starts: roots that are files or leave
+    the working folder, names too long to be folders, a download source for an embedded
+    dataset, a timm model timm does not know."""
+    for key in ("results_dir", "data_root"):
+        path = Path(config[key]).expanduser()
+        if not path.is_absolute() and ".." in path.parts:
+            raise GridError(
+                f"{key}: {config[key]!r} leaves the working folder; write an absolute path "
+                "to put it elsewhere"
+            )
+        if path.exists() and not path.is_dir():
+            raise GridError(f"{key}: {config[key]!r} is a file, not a folder")
+    for key, names in (
+        ("experiment", [config["experiment"]]),
+        ("optimizers", list(config["optimizers"])),
+        ("models", list(config["models"])),
+    ):
+        for name in names:
+            size = len(str(name).encode())
+            if size > _NAME_MAX:
+                raise GridError(
+                    f"{key}: {str(name)[:40]!r}… is {size} bytes long; a folder name may "
+                    f"have at most {_NAME_MAX}"
+                )
+    for dataset, settings in config["datasets"].items():
+        if (settings or {}).get("source") and not get_spec(dataset).needs_network:
+            raise GridError(
+                f"datasets.{dataset}.source: {dataset} is embedded (nothing to download); "
+                "remove source"
+            )
+    timm_models = [m for m in config["models"] if is_timm(m)]
+    if timm_models:  # imports timm (and PyTorch) only for a grid that names a timm model
+        import timm
+
+        for model in timm_models:
+            name = model.removeprefix(TIMM_PREFIX)
+            if not timm.is_model(name):
+                raise GridError(
+                    f"models: {model!r}: timm has no model {name!r} (timm.list_models() names them)"
+                )
 
 
 def _check_references(config: dict[str, Any]) -> None:

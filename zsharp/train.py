@@ -194,32 +194,75 @@ class CellTrainer:
         checkpoint.save(self.rt.checkpoint_path, self.state())
 
     def try_resume(self) -> bool:
-        """Load the checkpoint if there is one for this configuration."""
+        """Load the checkpoint if there is one for this configuration.
+
+        A checkpoint that cannot be read or loaded (truncated by a full or flaky disk,
+        overwritten, not a checkpoint) is renamed aside with one warning naming it, and
+        training starts afresh, exactly as if it had never existed: whatever it had
+        already changed (weights, optimizer, generators) is put back first.
+        """
         path = self.rt.checkpoint_path
         if not path.exists():
             return False
-        state = checkpoint.load(path, map_location=self.device)
+
+        def set_aside(reason: str) -> bool:
+            aside = checkpoint.set_aside(path)
+            print(
+                f"zsharp: warning: {path}: unusable checkpoint set aside as {aside.name} "
+                f"({' '.join(reason.split())[:300]}); training starts afresh",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
+
+        try:
+            state = checkpoint.load(path, map_location=self.device)
+        except checkpoint.CorruptCheckpointError as error:
+            return set_aside(str(error).removeprefix(f"{path}: "))
+        if not isinstance(state, dict):
+            return set_aside(f"holds a {type(state).__name__}, not a checkpoint")
         if (
             state.get("format") != CHECKPOINT_FORMAT
             or state.get("config_digest") != self.cfg.digest()
         ):
             print(f"ignoring {path}: it belongs to another configuration", file=sys.stderr)
             return False
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        self.progress = Progress(
-            epoch=state["epoch"],
-            batch=state["batch"],
-            records=list(state["records"]),
-            sums=list(state["sums"]),
-            epoch_train_seconds=state["epoch_train_seconds"],
-            epoch_lr=state["epoch_lr"],
-            wandb_run_id=state["wandb_run_id"],
-        )
+        import copy
+
+        fresh = {
+            "model": {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            },
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "scaler": None if self.scaler is None else copy.deepcopy(self.scaler.state_dict()),
+            "rng": checkpoint.rng_state(),
+        }
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            checkpoint.set_rng_state(state["rng"])
+            progress = Progress(
+                epoch=int(state["epoch"]),
+                batch=int(state["batch"]),
+                records=list(state["records"]),
+                sums=[float(x) for x in state["sums"]],
+                epoch_train_seconds=float(state["epoch_train_seconds"]),
+                epoch_lr=state["epoch_lr"],
+                wandb_run_id=state["wandb_run_id"],
+            )
+        except Exception as error:  # a well-formed file whose contents do not fit
+            self.model.load_state_dict(fresh["model"])
+            self.optimizer.load_state_dict(fresh["optimizer"])
+            self.scheduler.load_state_dict(fresh["scheduler"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(fresh["scaler"])
+            checkpoint.set_rng_state(fresh["rng"])
+            return set_aside(f"{type(error).__name__}: {error}")
+        self.progress = progress
         return True
 
     # --- one step, one epoch -----------------------------------------------------------
@@ -235,10 +278,13 @@ class CellTrainer:
 
     def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One optimizer step; returns (training loss, number correct), both on the device:
-        measured at w, or at w + ε for a sharpness-aware step with ``train_metrics_at``."""
+        measured at w, or at w + ε for a sharpness-aware step with ``train_metrics_at``.
+
+        With ``sam_interval`` k, steps 0, k, 2k, … (counted over the whole run, so a resumed
+        run keeps the phase) are sharpness-aware and the others the base optimizer's."""
         loss, logits = self._loss(x, y)
         self._backward(loss)
-        if self.sam:
+        if self.sam and self.scheduler.last_epoch % self.cfg.sam_interval == 0:
             assert isinstance(self.optimizer, SAM)
             self.optimizer.first_step(zero_grad=True, grad_scaler=self.scaler)
             with disable_running_stats(self.model, enabled=not self.cfg.bn_both_passes):
@@ -248,10 +294,11 @@ class CellTrainer:
             if self.cfg.train_metrics_at == "w+eps":
                 loss, logits = perturbed, perturbed_logits
         else:
+            descent = self.optimizer.base_optimizer if self.sam else self.optimizer
             if self.scaler is not None:
-                self.scaler.step(self.optimizer)
+                self.scaler.step(descent)
             else:
-                self.optimizer.step()
+                descent.step()
             self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
@@ -355,27 +402,38 @@ def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, A
     }
 
 
-def record_failure(cfg: CellConfig, rt: Runtime, error: BaseException) -> None:
-    """Write a ``failed`` summary (and keep a log of failures) for a workflow's table."""
+def record_failure(
+    cfg: CellConfig, rt: Runtime, error: BaseException, transient: bool = False
+) -> None:
+    """Write a ``failed`` summary (and keep a log of failures) for a workflow's table.
+
+    ``transient``: the failure may not recur (I/O, out of memory, …), so it is no result:
+    the summary says so, the table shows the seed as MISSING with this error, and the
+    workflow trains the cell again on its next run (a new ``failures.jsonl`` line changes
+    the rule's parameters). Otherwise the failure is the cell's result (a divergence).
+    """
     out = rt.out
-    out.mkdir(parents=True, exist_ok=True)
     entry = {
         "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
+        "transient": transient,
+        "error": f"{type(error).__name__}: {' '.join(str(error).split())}",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    with (out / "failures.jsonl").open("a") as handle:  # append-only history
-        handle.write(json.dumps(entry) + "\n")
-    if not (out / "metrics.jsonl").exists():
-        atomic.write_jsonl(out / "metrics.jsonl", [])
-    atomic.write_json(
-        out / "summary.json",
-        {
-            **entry,
-            **identity(cfg, rt),
-            "versions": {"zsharp": __version__, "torch": torch.__version__},
-        },
-    )
+    from zsharp import cell
+
+    with cell.claim(out, "zsharp train", check=False):
+        with (out / cell.FAILURES).open("a") as handle:  # append-only history
+            handle.write(json.dumps(entry) + "\n")
+        if not (out / cell.METRICS).exists():
+            atomic.write_jsonl(out / cell.METRICS, [])
+        atomic.write_json(
+            out / cell.SUMMARY,
+            {
+                **entry,
+                **identity(cfg, rt),
+                "versions": {"zsharp": __version__, "torch": torch.__version__},
+            },
+        )
 
 
 def _progress_bar(rt: Runtime, total: int, epoch: int, epochs: int) -> Any:
@@ -388,74 +446,87 @@ def _progress_bar(rt: Runtime, total: int, epoch: int, epochs: int) -> Any:
 
 
 def train_cell(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
-    """Train (or resume) one cell; write metrics, weights and summary to ``rt.out``."""
+    """Train (or resume) one cell; write metrics, weights and summary to ``rt.out``.
+
+    The cell is owned for the whole run (:func:`zsharp.cell.claim`: a second process on it
+    fails at once, naming this one) and the previous run's results are removed before
+    anything else, so a summary never describes other metrics than those beside it.
+    """
+    from zsharp import cell
+
     rt.validate()
-    trainer = CellTrainer(cfg, rt)
-    rt.out.mkdir(parents=True, exist_ok=True)
-    resumed = trainer.try_resume()
-    p = trainer.progress
-    group = run_group(cfg.dataset, cfg.model)
-    name = rt.wandb_name or run_name(rt.label or cfg.optimizer, cfg.seed)
-    tracker = Tracker(
-        mode=rt.wandb_mode,
-        project=rt.wandb_project,
-        entity=rt.wandb_entity,
-        directory=rt.wandb_directory,
-        group=group,
-        name=name,
-        job_type="train",
-        config={
-            **cfg.to_dict(),
-            "device": str(trainer.device),
-            "compile": rt.compile,
-            "zsharp": __version__,
-        },
-        run_id=p.wandb_run_id,
-    )
-    p.wandb_run_id = tracker.run_id
-    log = _log_line(rt)
-    if resumed:
-        log(f"resuming {group}/{name} at epoch {p.epoch + 1}, batch {p.batch}")
-    exit_code = 1
-    try:
-        with StopSignals() as stop:
-            while p.epoch < cfg.epochs:
-                if p.epoch_lr is None:
-                    p.epoch_lr = trainer.optimizer.param_groups[0]["lr"]
-                bar = _progress_bar(rt, len(trainer.train_batches), p.epoch + 1, cfg.epochs)
-                try:
-                    trainer.train_epoch(stop, bar)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                record = trainer.finish_epoch()
-                atomic.write_jsonl(rt.out / "metrics.jsonl", p.records)
-                trainer.save_checkpoint()
-                tracker.log(
-                    {k: v for k, v in record.items() if k != "epoch"} | {"epoch": record["epoch"]},
-                    step=record["epoch"],
-                )
-                log(
-                    f"epoch {record['epoch']}/{cfg.epochs} train_loss {record['train_loss']:.4f} "
-                    f"train_acc {record['train_acc']:.4f} test_loss {record['test_loss']:.4f} "
-                    f"test_acc {record['test_acc']:.4f} lr {record['lr']:.4g} "
-                    f"{record['epoch_seconds']:.1f}s {record['images_per_second']:.0f} img/s"
-                )
-                if stop.received is not None:
-                    raise PreemptedError(stop.received, rt.checkpoint_path)
-        atomic.write_jsonl(rt.out / "metrics.jsonl", p.records)
-        checkpoint.save(rt.out / "model.pt", trainer.model.state_dict())
-        summary = summarize(cfg, rt, trainer)
-        atomic.write_json(rt.out / "summary.json", summary)
-        tracker.summary(
-            {"final_" + k: v for k, v in summary["final"].items()}
-            | {"best_test_acc": summary["best"]["test_acc"]}
+    with cell.claim(rt.out):
+        cell.clear_results(rt.out)
+        where = rt.checkpoint_path.parent
+        if where.resolve() != rt.out.resolve() and where.is_dir():  # killed writers' files
+            atomic.remove_stale_temps(where, [rt.checkpoint_path.name])
+        trainer = CellTrainer(cfg, rt)
+        resumed = trainer.try_resume()
+        p = trainer.progress
+        group = run_group(cfg.dataset, cfg.model)
+        name = rt.wandb_name or run_name(rt.label or cfg.optimizer, cfg.seed)
+        tracker = Tracker(
+            mode=rt.wandb_mode,
+            project=rt.wandb_project,
+            entity=rt.wandb_entity,
+            directory=rt.wandb_directory,
+            group=group,
+            name=name,
+            job_type="train",
+            config={
+                **cfg.to_dict(),
+                "device": str(trainer.device),
+                "compile": rt.compile,
+                "zsharp": __version__,
+            },
+            run_id=p.wandb_run_id,
         )
-        rt.checkpoint_path.unlink(missing_ok=True)
-        exit_code = 0
-        return summary
-    finally:
-        tracker.finish(exit_code=exit_code)
+        p.wandb_run_id = tracker.run_id
+        log = _log_line(rt)
+        if resumed:
+            log(f"resuming {group}/{name} at epoch {p.epoch + 1}, batch {p.batch}")
+        exit_code = 1
+        try:
+            with StopSignals() as stop:
+                while p.epoch < cfg.epochs:
+                    if p.epoch_lr is None:
+                        p.epoch_lr = trainer.optimizer.param_groups[0]["lr"]
+                    bar = _progress_bar(rt, len(trainer.train_batches), p.epoch + 1, cfg.epochs)
+                    try:
+                        trainer.train_epoch(stop, bar)
+                    finally:
+                        if bar is not None:
+                            bar.close()
+                    record = trainer.finish_epoch()
+                    atomic.write_jsonl(rt.out / "metrics.jsonl", p.records)
+                    trainer.save_checkpoint()
+                    tracker.log(
+                        {k: v for k, v in record.items() if k != "epoch"}
+                        | {"epoch": record["epoch"]},
+                        step=record["epoch"],
+                    )
+                    log(
+                        f"epoch {record['epoch']}/{cfg.epochs} "
+                        f"train_loss {record['train_loss']:.4f} "
+                        f"train_acc {record['train_acc']:.4f} test_loss {record['test_loss']:.4f} "
+                        f"test_acc {record['test_acc']:.4f} lr {record['lr']:.4g} "
+                        f"{record['epoch_seconds']:.1f}s {record['images_per_second']:.0f} img/s"
+                    )
+                    if stop.received is not None:
+                        raise PreemptedError(stop.received, rt.checkpoint_path)
+            atomic.write_jsonl(rt.out / "metrics.jsonl", p.records)
+            checkpoint.save(rt.out / "model.pt", trainer.model.state_dict())
+            summary = summarize(cfg, rt, trainer)
+            atomic.write_json(rt.out / "summary.json", summary)
+            tracker.summary(
+                {"final_" + k: v for k, v in summary["final"].items()}
+                | {"best_test_acc": summary["best"]["test_acc"]}
+            )
+            rt.checkpoint_path.unlink(missing_ok=True)
+            exit_code = 0
+            return summary
+        finally:
+            tracker.finish(exit_code=exit_code)
 
 
 def _log_line(rt: Runtime) -> Callable[[str], None]:

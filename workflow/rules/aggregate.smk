@@ -1,5 +1,6 @@
 # The table, the paired comparison, the plots, and an aggregate W&B run. A cell whose
-# training failed is recorded by its job (status "failed") and shows as FAILED here.
+# training failed for good (divergence) is recorded by its job and shows as FAILED here; a
+# cell whose last attempt hit a transient fault shows as MISSING (the next run retrains it).
 
 rule aggregate:
     input:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,13 @@ DATA = C["data_root"]
 LOGS = f"logs/{C['experiment']}"
 CELL = "{dataset}/{model}/{label}/seed{seed}"
 
+# where this run writes and reads, resolved (roots may be absolute): the first thing said
+print(
+    f"zsharp: results in {Path(EXP).resolve()}, data in {Path(DATA).resolve()}",
+    file=sys.stderr,
+    flush=True,
+)
+
 
 def _alternatives(names):
     return "|".join(re.escape(str(n)) for n in names)
@@ -55,13 +63,29 @@ def cell_dir(wildcards):
     return f"{EXP}/cells/{cell_of(wildcards).key}"
 
 
+def _failures(cell):
+    """The failures a cell has recorded (failures.jsonl; unreadable lines are skipped)."""
+    path = Path(cell) / "failures.jsonl"
+    entries = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+    return [e for e in entries if isinstance(e, dict)]
+
+
 def failures_so_far(wildcards):
-    """With retry_failed, how many failures the cell has recorded: a new one changes this
-    parameter, so the next run retries the cell (it stays put once the cell succeeds)."""
-    if not C["retry_failed"]:
-        return 0
-    path = Path(cell_dir(wildcards)) / "failures.jsonl"
-    return sum(1 for _ in path.open()) if path.exists() else 0
+    """How many of the cell's recorded failures call for training it again: a new one
+    changes this parameter, so the next run retries the cell (it stays put once the cell
+    succeeds). Transient faults always count (they are no result); failures that would
+    recur (a divergence) only with retry_failed."""
+    return sum(
+        1
+        for entry in _failures(cell_dir(wildcards))
+        if entry.get("transient") or C["retry_failed"]
+    )
 
 
 def resource(rule, key, default):
@@ -83,8 +107,21 @@ for _variable, _value in {
 
 
 def gpu_resources(rule):
-    """The GPU request of a rule: `gpu` (→ sbatch --gpus) and, if set, `gpu_model`."""
-    resources = {"gpu": resource(rule, "gpu", 1)}
+    """The GPU request of a rule's jobs.
+
+    `gpu` whole GPUs per job (`--resources gpu=N` bounds them; SLURM: --gpus), or with
+    `cells_per_gpu: K > 1` one of K slots on each of `gpu` GPUs: such a job counts
+    `gpu_slot` (`--resources gpu_slot=GPUs×K`) and no `gpu`, so K jobs share a device.
+    `gpus_per_cell`, `cells_per_gpu` and `gpu_mem_mb` are read by the shell line
+    (`zsharp-device`); resources are no rerun trigger, so changing them reruns nothing."""
+    gpus = resource(rule, "gpu", 1)
+    per_gpu = resource(rule, "cells_per_gpu", 1)
+    resources = {
+        "gpus_per_cell": gpus,
+        "cells_per_gpu": per_gpu,
+        "gpu_mem_mb": resource(rule, "gpu_mem_mb", 0),
+        ("gpu_slot" if per_gpu > 1 else "gpu"): gpus,
+    }
     if resource(rule, "gpu_model", None):
         resources["gpu_model"] = resource(rule, "gpu_model", None)
     return resources
@@ -119,14 +156,26 @@ def compare_args():
 
 
 def report_failures():
-    """After the run: list the cells whose training failed (they show as FAILED)."""
-    failed = []
+    """After the run: list the cells whose training failed (FAILED in the table: kept
+    unless retry_failed) and those with no result after a transient fault (MISSING: the
+    next run retries them)."""
+    failed, missing = [], []
     for cell in ALL_CELLS:
-        path = Path(cell) / "summary.json"
-        if path.exists() and json.loads(path.read_text()).get("status") == "failed":
-            failed.append(cell)
+        try:
+            summary = json.loads((Path(cell) / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and summary.get("status") == "failed":
+            (missing if summary.get("transient") else failed).append(cell)
     if failed:
         print(
-            f"zsharp: {len(failed)} cell(s) failed and show as FAILED in {EXP}/results.md; "
-            "running snakemake again retries them:\n  " + "\n  ".join(failed)
+            f"zsharp: {len(failed)} cell(s) failed and show as FAILED in {EXP}/results.md "
+            "(a failure that would recur is a result: retry_failed: true trains them "
+            "again):\n  " + "\n  ".join(failed)
+        )
+    if missing:
+        print(
+            f"zsharp: {len(missing)} cell(s) have no result after a transient fault and show "
+            f"as MISSING in {EXP}/results.md; running snakemake again retries them:\n  "
+            + "\n  ".join(missing)
         )

@@ -23,6 +23,7 @@ rule evaluate:
         **gpu_resources("evaluate"),
     retries: retries("evaluate")
     shell:
-        "zsharp-device {resources.gpu} -- "
+        "zsharp-device --cells-per-gpu {resources.cells_per_gpu} --mem-mb {resources.gpu_mem_mb} "
+        "{resources.gpus_per_cell} -- "
         "zsharp evaluate --cell {params.cell} --data-root {params.data} {params.options} "
         ">> {log} 2>&1"

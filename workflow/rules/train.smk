@@ -1,9 +1,12 @@
 # One training job per cell. `params.cell` is the cell's whole resolved configuration, so
-# changing any hyperparameter of a cell reruns that cell only. A non-finite loss is
-# recorded as the cell's (failed) result; other errors are retried and recorded only on the
-# last attempt, so the grid and its table go on. The resumable checkpoint
-# lives beside the outputs but is not one (Snakemake deletes declared outputs before a
-# job runs): a killed or preempted job started again continues from it.
+# changing any hyperparameter of a cell reruns that cell only. A failure that would recur
+# (a non-finite loss, a configuration that cannot be built) is recorded as the cell's
+# (failed) result. A transient fault (I/O, out of memory, a killed process) is no result:
+# the job fails and Snakemake retries it; the last attempt writes it down as transient, so
+# the grid and its table go on (the cell shows as MISSING) and, through `failures`, the next
+# run trains the cell again. The resumable checkpoint lives beside the outputs but is not
+# one (Snakemake deletes declared outputs before a job runs): a killed or preempted job
+# started again continues from it.
 
 
 rule train:
@@ -30,7 +33,8 @@ rule train:
         **gpu_resources("train"),
     retries: retries("train")
     shell:
-        "zsharp-device {resources.gpu} -- "
+        "zsharp-device --cells-per-gpu {resources.cells_per_gpu} --mem-mb {resources.gpu_mem_mb} "
+        "{resources.gpus_per_cell} -- "
         "zsharp train --config {params.cell:q} --out {params.out} --data-root {params.data} "
         "--label {wildcards.label} --key {wildcards.dataset}/{wildcards.model}/"
         "{wildcards.label}/seed{wildcards.seed} "

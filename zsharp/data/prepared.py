@@ -11,14 +11,20 @@ A prepared dataset lives in ``<root>/<name>/``::
 ``.npy`` rather than a pickle so that Tiny-ImageNet's 1.2 GB train split can be memory-mapped
 instead of read whole. Everything is first written to hidden temp files in the same
 directory and renamed into place (atomic on one file system), so a failure at any point
-leaves no READY and no half-written array under a final name.
+leaves no READY and no half-written array under a final name. The arrays' space is
+reserved before they are filled (a memory-mapped write to a full disk is a SIGBUS, not an
+error), so a full disk is an :class:`OSError` naming the file; the temp files of a failed
+preparation are removed, and those of a killed one by the next preparation, which holds the
+dataset folder's :class:`~zsharp.atomic.DirectoryLock` (one preparation at a time).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from zsharp.data.errors import DatasetNotReadyError
+from zsharp.atomic import BusyError, DirectoryLock, named, remove_stale_temps
+from zsharp.data.errors import DatasetError, DatasetNotReadyError
 from zsharp.data.registry import get_spec
 
 __all__ = [
@@ -127,10 +134,15 @@ class Staging:
 
         Parsers fill it in place, so big splits never need to fit in memory twice.
         """
-        path = self._temp(f"{split}_x.npy")
-        array = np.lib.format.open_memmap(
-            path, mode="w+", dtype=np.uint8, shape=(count, channels, size, size)
-        )
+        final = f"{split}_x.npy"
+        path = self._temp(final)
+        try:
+            array = np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.uint8, shape=(count, channels, size, size)
+            )
+            _reserve(path)
+        except OSError as error:
+            raise named(error, self.directory / final) from error
         self._arrays[f"{split}_x"] = array
         return array
 
@@ -144,8 +156,11 @@ class Staging:
         if len(labels) != len(images):
             raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
         # Through a handle: np.save appends ".npy" to a path that does not end in it.
-        with open(self._temp(f"{split}_y.npy"), "wb") as fh:
-            np.save(fh, labels)
+        try:
+            with open(self._temp(f"{split}_y.npy"), "wb") as fh:
+                np.save(fh, labels)
+        except OSError as error:
+            raise named(error, self.directory / f"{split}_y.npy") from error
         self._arrays[f"{split}_y"] = labels
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -168,17 +183,20 @@ class Staging:
             "counts": {s: len(self._arrays[f"{s}_y"]) for s in SPLITS},
             "layout": "uint8 NCHW images, int64 labels",
         }
-        for array in self._arrays.values():
-            if isinstance(array, np.memmap):
-                array.flush()
-        self._arrays.clear()  # drop the memmaps before renaming their files
-        self._temp(META_FILE).write_text(_dumps(full))
-        for final, temp in self._temps.items():
-            temp.replace(self.directory / final)
-        self._temps.clear()
-        ready = self._temp(READY_FILE)
-        ready.write_text(f"format_version {FORMAT_VERSION}\n")
-        ready.replace(self.directory / READY_FILE)
+        try:
+            for array in self._arrays.values():
+                if isinstance(array, np.memmap):
+                    array.flush()
+            self._arrays.clear()  # drop the memmaps before renaming their files
+            self._temp(META_FILE).write_text(_dumps(full))
+            for final, temp in self._temps.items():
+                temp.replace(self.directory / final)
+            self._temps.clear()
+            ready = self._temp(READY_FILE)
+            ready.write_text(f"format_version {FORMAT_VERSION}\n")
+            ready.replace(self.directory / READY_FILE)
+        except OSError as error:
+            raise named(error, self.directory) from error
         self._temps.clear()
         return full
 
@@ -206,18 +224,46 @@ def _join_numbers(match: re.Match[str]) -> str:
     return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the whole file now, so that filling its memory map cannot hit a full disk
+    (which the kernel reports as SIGBUS, killing the process without a word)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def staging(directory: Path) -> Iterator[Staging]:
-    """Stage a dataset into ``directory``; on any exception remove all temp files, re-raise."""
-    directory.mkdir(parents=True, exist_ok=True)
-    # A READY left from an older preparation must not vouch for the new files.
-    (directory / READY_FILE).unlink(missing_ok=True)
-    stage = Staging(directory)
+    """Stage a dataset into ``directory``; on any exception remove all temp files, re-raise.
+
+    The folder is locked for the whole preparation; temp files and download folders left
+    by a killed preparation are removed first."""
     try:
-        yield stage
-    except BaseException:
-        stage.abort()
-        raise
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(directory, "zsharp download").__enter__()
+    except BusyError as error:
+        raise DatasetError(f"being prepared by another process: {error}") from None
+    except OSError as error:
+        raise named(error, directory) from error
+    try:
+        remove_stale_temps(directory)
+        for stale in directory.glob(".downloads-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        # A READY left from an older preparation must not vouch for the new files.
+        (directory / READY_FILE).unlink(missing_ok=True)
+        stage = Staging(directory)
+        try:
+            yield stage
+        except BaseException:
+            stage.abort()
+            raise
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def load_prepared(name: str, root: str | os.PathLike[str], *, mmap: bool = True) -> Prepared:
