@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.workflow_helpers import snakemake, tiny_config, write_config
+from tests.workflow_helpers import REPO, snakemake, tiny_config, write_config
 from zsharp.grid import GridError, load_grid
 
 
@@ -105,11 +105,20 @@ CATALOGUE: list[tuple[str, dict[str, Any], str]] = [
     ("another base's argument", _set("optimizers.sgd.opt_args", {"betas": [0.9, 0.99]}),
      "optimizers.sgd.opt_args.betas"),
     ("empty grid", {}, "datasets: required"),
+    ("results outside the working folder", _set("results_dir", "../../x"), "results_dir"),
+    ("data root that is a file", _set("data_root", "pyproject.toml"), "data_root"),
+    ("a source for the embedded dataset", _set("datasets.digits", {"source": "/tmp/x"}),
+     "datasets.digits.source"),
+    ("unknown timm model", _set("models", {"timm:no_such_model_xyz": {}}), "models"),
+    ("experiment name too long for a folder", _set("experiment", "x" * 300), "experiment"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "config", "key"), CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_invalid_config_is_refused_naming_the_key(name: str, config: dict, key: str) -> None:
+def test_invalid_config_is_refused_naming_the_key(
+    name: str, config: dict, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)  # relative roots are read from the working folder
     with pytest.raises(GridError) as error:
         load_grid(copy.deepcopy(config))
     message = str(error.value)
