@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, interleaved_medians, machine
 
 import zsharp.optim as zo
-from zsharp.checkpoint import write_json
+from zsharp.atomic import write_json
 from zsharp.models import build_model
 
 OPTIMIZERS = {

@@ -3,7 +3,8 @@
 Nothing here imports zsharp: these are the formulas of SAM (Foret et al. 2021, Eq. 2),
 ASAM (Kwon et al. 2021, Eq. 9), Friendly-SAM (Li et al. 2024, Eq. 8-9) and ZSharp (arXiv
 2505.02369, Eq. 4-7, and the released main.py), computed with numpy in float64 one tensor
-at a time with a full sort, the slow and obvious way.
+at a time with a full sort, the slow and obvious way; and a whole SAM + SGD step with the
+descent gradient clipped, on a linear model whose gradient is written out by hand.
 """
 
 from __future__ import annotations
@@ -29,17 +30,18 @@ def mask_paper(g: np.ndarray, percentile: float) -> np.ndarray:
     return z >= tau
 
 
-def quantile_linear_float32_rank(values: np.ndarray, q: float) -> float:
-    """torch.quantile(values, q) for float32 input: rank q*(n-1) computed in float32.
+def quantile_linear_float32(values: np.ndarray, q: float) -> float:
+    """torch.quantile(values, q) for a float32 input, with torch's rank arithmetic.
 
-    The released code calls torch.quantile on a float32 tensor, which forms the rank in the
-    input's dtype; the interpolation itself is done here in float64.
+    torch rounds q to the input's dtype (float32), forms the rank q*(n-1) in float64 and
+    casts the weight rank - floor(rank) back to float32 (torch 2.14, Sorting.cpp); the
+    interpolation itself is done here in float64.
     """
     v = np.sort(np.asarray(values, dtype=np.float64).ravel())
     n = v.size
-    rank = np.float32(np.float32(q) * np.float32(n - 1))
-    low, high = int(np.floor(rank)), int(np.ceil(rank))
-    weight = float(rank) - low
+    rank = float(np.float32(q)) * (n - 1)
+    low, high = math.floor(rank), math.ceil(rank)
+    weight = float(np.float32(rank - low))
     return float(v[low] + weight * (v[high] - v[low]))
 
 
@@ -49,7 +51,7 @@ def mask_official(g: np.ndarray, percentile: float) -> np.ndarray:
     if g.size == 1:
         return np.zeros(1, dtype=bool)
     z = np.abs((g - g.mean()) / (g.std(ddof=1) + EPS))
-    return z > quantile_linear_float32_rank(z, percentile / 100)
+    return z > quantile_linear_float32(z, percentile / 100)
 
 
 def epsilon(
@@ -111,3 +113,34 @@ def friendly_directions(
             out.append([x - sigma * mi for x, mi in zip(g, m, strict=True)])
             m = [lmbda * mi + (1 - lmbda) * x for mi, x in zip(m, g, strict=True)]
     return out
+
+
+def linear_mse_gradient(
+    w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """∇ of L(W, b) = mean((x Wᵀ + b - y)²) over every entry: (2/(N k)) (Rᵀx, Σ R)."""
+    r = x @ w.T + b - y
+    scale = 2.0 / r.size
+    return scale * r.T @ x, scale * r.sum(axis=0)
+
+
+def clipped_sam_sgd_step(
+    w: np.ndarray,
+    b: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    rho: float,
+    lr: float,
+    max_norm: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One SAM step (Eq. 2) with plain SGD on the linear MSE model, the descent gradient
+    g' = ∇L(w + ε) clipped to global norm max_norm as clip_grad_norm_ does:
+    g' · min(1, max_norm / (‖g'‖ + 1e-6))."""
+    w, b, x, y = (np.asarray(a, dtype=np.float64) for a in (w, b, x, y))
+    gw, gb = linear_mse_gradient(w, b, x, y)
+    scale = rho / (math.sqrt(float(np.sum(gw**2) + np.sum(gb**2))) + EPS)
+    gw2, gb2 = linear_mse_gradient(w + scale * gw, b + scale * gb, x, y)
+    norm = math.sqrt(float(np.sum(gw2**2) + np.sum(gb2**2)))
+    clip = min(1.0, max_norm / (norm + 1e-6))
+    return w - lr * clip * gw2, b - lr * clip * gb2

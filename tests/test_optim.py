@@ -16,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import zsharp.optim as zo
 from tests import reference as ref
+from zsharp.optim.registry import sharpness_aware_names
 
-SAM_FAMILY = zo.SAM_FAMILY
+SAM_FAMILY = tuple(sharpness_aware_names())
 
 
 def conv_model(seed: int = 0, bn: bool = True) -> nn.Module:
@@ -81,9 +82,11 @@ def numpy_grads(model: nn.Module) -> tuple[list[np.ndarray], list[np.ndarray]]:
     )
 
 
-def assert_close(actual: list[torch.Tensor], expected: list[np.ndarray], atol=2e-7) -> None:
+def assert_close(
+    actual: list[torch.Tensor], expected: list[np.ndarray], atol=2e-7, rtol=1e-5
+) -> None:
     for a, e in zip(actual, expected, strict=True):
-        np.testing.assert_allclose(a.double().numpy(), e, rtol=1e-5, atol=atol)
+        np.testing.assert_allclose(a.double().numpy(), e, rtol=rtol, atol=atol)
 
 
 # --- 1. ε equals the float64 reference --------------------------------------------------
@@ -196,15 +199,69 @@ def test_tie_rules_documented_examples() -> None:
     assert not zo.zscore_mask(torch.full((3, 3), 0.5), 95.0, "official").any()
 
 
+def released_threshold_mask(grad: torch.Tensor, percentile: float) -> torch.Tensor:
+    """main.py's own expression: unbiased std + 1e-12, torch.quantile(|z|, p/100), strict >."""
+    z = (grad - grad.mean()) / (grad.std() + 1e-12)
+    return z.abs() > torch.quantile(z.abs(), percentile / 100)
+
+
 def test_official_threshold_is_torch_quantile_bit_for_bit() -> None:
     """The released code's own expression (torch.quantile, strict >) gives the same mask."""
     gen = torch.Generator().manual_seed(3)
     for n in [2, 3, 20, 21, 100, 1000, 4097]:
         for _ in range(5):
             grad = torch.randn(n, 2, generator=gen)
-            z = (grad - grad.mean()) / (grad.std() + 1e-12)
-            released = z.abs() > torch.quantile(z.abs(), 0.95)
+            released = released_threshold_mask(grad, 95.0)
             assert torch.equal(zo.zscore_mask(grad, 95.0, "official"), released), n
+
+
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_official_kept_set_is_the_released_code_for_every_size(device: str) -> None:
+    """Every n in 2..2000 and p in {50, 90, 95, 99, 99.9}: the filter keeps exactly what
+    ``|z| > torch.quantile(|z|, p/100)`` keeps, including where q·(n−1) is a whole number
+    (torch's float64 rank then falls just below that order statistic).
+
+    A continuous random tensor of every size, and for n ≡ 0, 1 (mod 10) one of deliberate
+    ties too (values in ±{0.5, 1, 1.5}, never 0, so the filtered copy shows the mask). The
+    filter runs once per p on all of them, batched by size as in a step.
+    """
+    gen = torch.Generator().manual_seed(11)
+    tensors = []
+    for n in range(2, 2001):
+        tensors.append(torch.randn(n, generator=gen))
+        if n % 10 in (0, 1):
+            sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+            tensors.append(torch.randint(1, 4, (n,), generator=gen) * sign / 2.0)
+    tensors = [t.to(device) for t in tensors]
+    # main.py's z, once per tensor (it does not depend on p)
+    z = [((t - t.mean()) / (t.std() + 1e-12)).abs() for t in tensors]
+    mismatched = []
+    for p in (50.0, 90.0, 95.0, 99.0, 99.9):
+        filtered = zo.ZScoreFilter(p, "official").apply(tensors, [p] * len(tensors))
+        for t, zt, f in zip(tensors, z, filtered, strict=True):
+            released = zt > torch.quantile(zt, p / 100)
+            if not torch.equal(f, torch.where(released, t, 0.0)):
+                mismatched.append((t.numel(), p))
+    assert not mismatched, mismatched[:10]
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_official_z_rounds_as_the_released_code(per_tensor: bool) -> None:
+    """|z| bit for bit as main.py computes it, batched (the CPU path) or tensor by tensor
+    (the path off the CPU, run here on the CPU)."""
+    from zsharp.optim.zscore import _official_z
+
+    gen = torch.Generator().manual_seed(5)
+    for n in [2, 3, 20, 21, 257, 4097, 70_001]:
+        tensors = [torch.randn(n, generator=gen) * 10.0**k + k for k in range(-2, 3)]
+        z = _official_z(torch.stack(tensors), tensors, per_tensor=per_tensor)
+        for row, t in zip(z, tensors, strict=True):
+            assert torch.equal(row, ((t - t.mean()) / (t.std() + 1e-12)).abs()), n
 
 
 def test_percentile_zero_is_sam() -> None:
@@ -570,13 +627,14 @@ def test_no_host_sync_in_a_step(name: str, variant: str) -> None:
     # every device, so no device sync, but this mode cannot tell it apart on the CPU)
     opt = zo.create(name, model.parameters(), base="sgd", lr=0.1, momentum=0.9, **kwargs)
     x, y = batch(17)
-    for _ in range(2):  # the second F-SAM step takes the moving-average path
+    # the second F-SAM step takes the moving-average path; the second step clips
+    for max_grad_norm in (None, 0.1):
         backward(model, x, y)
         with ForbidHostSync():
             opt.first_step(zero_grad=True)
         backward(model, x, y)
         with ForbidHostSync():
-            opt.second_step(zero_grad=True)
+            opt.second_step(zero_grad=True, max_grad_norm=max_grad_norm)
 
 
 def test_forbid_host_sync_catches_an_item() -> None:
@@ -622,7 +680,9 @@ def test_bf16_parameters_epsilon_matches_reference_after_rounding() -> None:
     assert mismatched <= 0.02 * total, mismatched / total  # measured: 0.7 %
 
 
-def scaler_step(model, opt, scaler, x, y, poison: str | None = None) -> None:
+def scaler_step(
+    model, opt, scaler, x, y, poison: str | None = None, max_grad_norm: float | None = None
+) -> None:
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     if poison == "first":
         next(iter(model.parameters())).grad.view(-1)[0] = float("inf")
@@ -631,7 +691,7 @@ def scaler_step(model, opt, scaler, x, y, poison: str | None = None) -> None:
         scaler.scale(F.cross_entropy(model(x), y)).backward()
     if poison == "second":
         next(iter(model.parameters())).grad.view(-1)[0] = float("nan")
-    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    opt.second_step(zero_grad=True, grad_scaler=scaler, max_grad_norm=max_grad_norm)
     scaler.update()
 
 
@@ -653,12 +713,16 @@ def test_grad_scaler_unscales_each_pass_once(name: str) -> None:
 
 
 @pytest.mark.parametrize("poison", ["first", "second"])
-def test_grad_scaler_skips_the_update_when_either_pass_overflows(poison: str) -> None:
+@pytest.mark.parametrize("max_grad_norm", [None, 0.1])
+def test_grad_scaler_skips_the_update_when_either_pass_overflows(
+    poison: str, max_grad_norm: float | None
+) -> None:
+    """Also with clipping, which unscales the second pass before the scaler's step."""
     model = conv_model(21)
     opt = zo.create("zsharp", model.parameters(), base="sgd", lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = copy.deepcopy(model.state_dict())
-    scaler_step(model, opt, scaler, *batch(21), poison=poison)
+    scaler_step(model, opt, scaler, *batch(21), poison=poison, max_grad_norm=max_grad_norm)
     for key, value in model.state_dict().items():
         if "running" not in key and "num_batches" not in key:
             assert torch.equal(value, before[key]), key
@@ -733,3 +797,68 @@ def test_fp16_parameters_with_a_gradient_norm_beyond_fp16_range() -> None:
     opt.first_step()
     assert torch.isfinite(p).all()
     assert torch.linalg.vector_norm(p.float()).item() == pytest.approx(0.05, rel=1e-2)
+
+
+# --- clipping the descent gradient -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clips, does not clip
+@pytest.mark.parametrize("scaled", [False, True])
+def test_second_step_clips_the_descent_gradient(max_norm: float, scaled: bool) -> None:
+    """SAM + SGD on a linear MSE model against the float64 reference of reference.py:
+    g' = ∇L(w + ε) clipped to max_norm, then w − lr·g'. With a GradScaler (scale 2^10,
+    exact) each pass is unscaled exactly once, so the step is the same."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=gen), 3 * torch.randn(32, 3, generator=gen)
+    w, b = (p.detach().double().numpy().copy() for p in model.parameters())
+    opt = zo.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+
+    def backward_pass() -> None:
+        loss = F.mse_loss(model(x), y)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    backward_pass()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    backward_pass()
+    opt.second_step(zero_grad=True, grad_scaler=scaler, max_grad_norm=max_norm)
+    expected = ref.clipped_sam_sgd_step(
+        w, b, x.numpy(), y.numpy(), rho=0.1, lr=0.5, max_norm=max_norm
+    )
+    assert_close([model.weight.detach(), model.bias.detach()], list(expected))
+    unclipped = ref.clipped_sam_sgd_step(
+        w, b, x.numpy(), y.numpy(), rho=0.1, lr=0.5, max_norm=float("inf")
+    )
+    assert np.allclose(expected[0], unclipped[0]) == (max_norm > 1)  # the case is what it says
+    if scaler is not None:
+        scaler.update()
+        assert scaler.get_scale() == 2.0**10  # no overflow seen
+
+
+def test_max_grad_norm_must_be_nonnegative() -> None:
+    model = nn.Linear(3, 2)
+    opt = zo.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    F.mse_loss(model(torch.ones(4, 3)), torch.zeros(4, 2)).backward()
+    opt.first_step()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        opt.second_step(max_grad_norm=-1.0)
+
+
+# --- float64 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [None, "paper", "official"])
+def test_float64_parameters_epsilon_matches_reference(variant: str | None) -> None:
+    """float64 weights: norms and ε stay in float64, so ε is the reference to ~1e-12."""
+    model = conv_model(25).double()
+    x, y = batch(25)
+    F.cross_entropy(model(x.double()), y).backward()
+    grads, weights = numpy_grads(model)
+    if variant is None:
+        opt = zo.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    else:
+        opt = zo.ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, variant=variant)
+    expected = ref.epsilon(grads, weights, [0.05] * len(grads), variant=variant)
+    assert_close(measured_epsilon(opt, model), expected, atol=1e-15, rtol=1e-10)

@@ -25,7 +25,7 @@ from zsharp.optim.sam import SAM
 
 class HalfSAM(SAM):
     """SAM whose ascent direction keeps only the first half of each tensor's entries: a
-    stand-in for a new variant (it overrides the direction hook, as Friendly-SAM does)."""
+    stand-in for a new variant (it overrides the direction hook ``_direction``, as Friendly-SAM does)."""
 
     def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, share: float = 0.5,
                  adaptive: bool = False, eta: float = 0.0, **base_kwargs: Any) -> None:  # fmt: skip
@@ -33,14 +33,13 @@ class HalfSAM(SAM):
         super().__init__(params, base_optimizer, rho, adaptive, eta, **base_kwargs)
 
     @torch.no_grad()
-    def _set_directions(self, groups: list[Any]) -> None:
-        for group in groups:
-            directions = []
-            for g in group.direction:
-                flat = g.reshape(-1).clone()
-                flat[int(self.share * flat.numel()) :] = 0
-                directions.append(flat.view_as(g))
-            group.direction = directions
+    def _direction(self, group: Any) -> list[torch.Tensor]:
+        directions = []
+        for g in group.grads:
+            flat = g.reshape(-1).clone()
+            flat[int(self.share * flat.numel()) :] = 0
+            directions.append(flat.view_as(g))
+        return directions
 
 
 def toy_mlp(num_classes: int, image_size: int, in_channels: int = 3, width: int = 8) -> nn.Module:

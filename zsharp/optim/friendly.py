@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from zsharp.optim.sam import SAM, ParamsT, _Group, check_nonnegative
+from zsharp.optim.sam import SAM, AscentGroup, ParamsT, check_nonnegative
 from zsharp.optim.zscore import ZScoreFilter
 
 
@@ -59,36 +59,37 @@ class FriendlySAM(SAM):
         if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not 0 <= lmbda < 1:
             raise ValueError(f"lmbda must be in [0, 1), got {lmbda!r}")
 
-    @torch.no_grad()
-    def _set_directions(self, groups: list[_Group]) -> None:
-        # With a GradScaler, a pass whose gradients overflowed must not reach the moving
-        # average (it would stay inf/NaN for good): there m keeps its value (or starts at 0).
+    def _direction(self, group: AscentGroup) -> list[Tensor]:
+        """d = g − σ·m_{t−1} (Eq. 9), updating m (Eq. 8); d_1 = m_1 = g_1.
+
+        With a GradScaler, a pass whose gradients overflowed must not reach the moving
+        average (it would stay inf/NaN for good): there m keeps its value (or starts at 0).
+        """
         finite = self._finite
-        for group in groups:
-            sigma, lmbda = float(group.group["sigma"]), float(group.group["lmbda"])
-            direction: list[Tensor] = []
-            tracked_g, tracked_m, tracked_i = [], [], []
-            for i, (p, g) in enumerate(zip(group.params, group.grads, strict=True)):
-                state = self.state[p]
-                if "momentum" in state:  # dict membership, not a tensor value: no sync
-                    tracked_g.append(g)
-                    tracked_m.append(state["momentum"])
-                    tracked_i.append(i)
-                elif finite is None:
-                    state["momentum"] = g.clone()  # m_1 = g_1, d_1 = g_1
-                else:
-                    state["momentum"] = torch.where(finite.to(g.device), g, 0.0)
-                direction.append(g)
-            if tracked_g:
-                d = torch._foreach_add(tracked_g, tracked_m, alpha=-sigma)
-                if finite is None:
-                    torch._foreach_mul_(tracked_m, lmbda)
-                    torch._foreach_add_(tracked_m, tracked_g, alpha=1.0 - lmbda)
-                else:
-                    updated = torch._foreach_mul(tracked_m, lmbda)
-                    torch._foreach_add_(updated, tracked_g, alpha=1.0 - lmbda)
-                    for m, new in zip(tracked_m, updated, strict=True):
-                        m.copy_(torch.where(finite.to(m.device), new, m))
-                for i, d_i in zip(tracked_i, d, strict=True):
-                    direction[i] = d_i
-            group.direction = direction
+        sigma, lmbda = float(group.group["sigma"]), float(group.group["lmbda"])
+        direction: list[Tensor] = []
+        tracked_g, tracked_m, tracked_i = [], [], []
+        for i, (p, g) in enumerate(zip(group.params, group.grads, strict=True)):
+            state = self.state[p]
+            if "momentum" in state:  # dict membership, not a tensor value: no sync
+                tracked_g.append(g)
+                tracked_m.append(state["momentum"])
+                tracked_i.append(i)
+            elif finite is None:
+                state["momentum"] = g.clone()  # m_1 = g_1, d_1 = g_1
+            else:
+                state["momentum"] = torch.where(finite.to(g.device), g, 0.0)
+            direction.append(g)
+        if tracked_g:
+            d = torch._foreach_add(tracked_g, tracked_m, alpha=-sigma)
+            if finite is None:
+                torch._foreach_mul_(tracked_m, lmbda)
+                torch._foreach_add_(tracked_m, tracked_g, alpha=1.0 - lmbda)
+            else:
+                updated = torch._foreach_mul(tracked_m, lmbda)
+                torch._foreach_add_(updated, tracked_g, alpha=1.0 - lmbda)
+                for m, new in zip(tracked_m, updated, strict=True):
+                    m.copy_(torch.where(finite.to(m.device), new, m))
+            for i, d_i in zip(tracked_i, d, strict=True):
+                direction[i] = d_i
+        return direction

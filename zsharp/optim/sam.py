@@ -1,28 +1,20 @@
-"""SAM, ASAM and the two-pass machinery shared by every sharpness-aware optimizer here.
+"""SAM and ASAM, and the two-pass step every sharpness-aware optimizer here shares.
 
 One step at weights w with gradient g = ∇L(w):
 
-1. ``first_step``: ε from the ascent direction d (d = g for SAM), then w ← w + ε;
+1. ``first_step``: the ascent direction d (d = g; Friendly-SAM changes it), ε from d, and
+   w ← w + ε;
 2. the caller computes g' = ∇L(w + ε);
 3. ``second_step``: w is restored exactly and the base optimizer steps with g'.
 
-With T_ℓ = |w_ℓ| + η for ``adaptive=True`` (ASAM, Kwon et al. 2021, Eq. 9) and T_ℓ = 1
-otherwise (SAM, Foret et al. 2021, Eq. 2), for every parameter tensor ℓ of a group with
-radius ρ:
+For every parameter tensor ℓ of a group with radius ρ, with T_ℓ = |w_ℓ| + η for
+``adaptive=True`` (ASAM, Kwon et al. 2021, Eq. 9) and T_ℓ = 1 otherwise (SAM, Foret et al.
+2021, Eq. 2):
 
     ε_ℓ = ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12),   ‖T ⊙ d‖₂ over every tensor of the model.
 
-With a :class:`~zsharp.optim.zscore.ZScoreFilter` (ZSharp, arXiv 2505.02369) d is replaced
-by the filtered direction d̃ = d ⊙ m:
-
-``variant="paper"``
-    ε_ℓ = ρ · T_ℓ² ⊙ d̃_ℓ / (‖T ⊙ d̃‖₂ + 1e-12) with one norm over the whole model, so
-    ‖ε‖ = ρ; if d̃ is zero everywhere, d is used instead.
-``variant="official"`` (the released code)
-    tensors with ndim > 1 are normalised one by one,
-    ε_ℓ = ρ · T_ℓ² ⊙ d̃_ℓ / (‖T_ℓ ⊙ d̃_ℓ‖₂ + 1e-12), falling back to the SAM share
-    ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) when d̃_ℓ = 0; 1-D tensors always get the SAM share.
-    ‖ε‖ is then about ρ·√(number of filtered tensors). With T = 1 this is ``main.py``.
+A filter of the direction (``zfilter=``, :class:`~zsharp.optim.zscore.ZScoreFilter` for
+ZSharp) replaces this ε with its own, built from the same groups, directions and T.
 
 Nothing here synchronises with the device: norms, fallbacks and overflow checks stay on
 the device as tensors and select with arithmetic, never with a Python ``if``.
@@ -32,16 +24,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from zsharp.optim.zscore import ZScoreFilter, check_percentile
-
 # Guards the normalisations against a zero gradient, as in the reference implementations.
 NORM_EPS = 1e-12
+# torch.nn.utils.clip_grad_norm_'s guard in max_norm / (‖g‖ + 1e-6).
+CLIP_EPS = 1e-6
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -77,28 +69,53 @@ def check_base_kwargs(base_optimizer: type[Optimizer], kwargs: dict[str, Any]) -
         )
 
 
-def _global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """‖(t₁, …, t_n)‖₂ as a 0-d float32 tensor on ``device``, without a host sync.
+# --- multi-tensor helpers (no host sync) ----------------------------------------------------
 
-    Each tensor's norm is accumulated in float32 even for fp16/bf16 tensors (an fp16 norm
-    overflows above 65504).
+
+def global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """‖(t₁, …, t_n)‖₂ as a 0-d tensor on ``device``, without a host sync.
+
+    Norms are accumulated in float32 at least: an fp16 norm overflows above 65504.
     """
     if not tensors:
         return torch.zeros((), device=device)
-    try:
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    except TypeError:  # PyTorch releases without the dtype argument
-        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    if any(t.dtype == torch.float64 for t in tensors):  # (float32 cannot hold a float64 norm)
+        norms = [torch.linalg.vector_norm(t, dtype=_at_least_float32(t.dtype)) for t in tensors]
+    else:
+        try:
+            norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        except TypeError:  # PyTorch releases without the dtype argument
+            norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
-def _scale_(tensors: list[Tensor], factor: Tensor) -> None:
+def scale_(tensors: list[Tensor], factor: Tensor) -> None:
     """tensors ← factor · tensors for a 0-d ``factor``, on whichever devices they live."""
+    for (device, dtype), group in _by_device(tensors).items():
+        torch._foreach_mul_(group, factor.to(device, dtype))
+
+
+def clip_grad_norm_(grads: list[Tensor], max_norm: float) -> None:
+    """g ← g · min(1, c / (‖g‖₂ + 1e-6)) with ‖g‖₂ over every tensor, c = ``max_norm``.
+
+    What ``torch.nn.utils.clip_grad_norm_(…, foreach=True)`` computes, without its host
+    sync options, and with the norm of 16-bit gradients accumulated in float32.
+    """
+    if not grads:
+        return
+    norm = global_norm(grads, grads[0].device)
+    scale_(grads, torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _by_device(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
     by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         by_device.setdefault((t.device, t.dtype), []).append(t)
-    for (device, dtype), group in by_device.items():
-        torch._foreach_mul_(group, factor.to(device, dtype))
+    return by_device
 
 
 def _active(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
@@ -106,15 +123,18 @@ def _active(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-class _Group:
-    """The tensors of one param group that take part in a step (those with a gradient)."""
+# --- ε ------------------------------------------------------------------------------------
+
+
+class AscentGroup:
+    """One param group's part in a step: its tensors with a gradient, ρ, T and direction d."""
 
     def __init__(self, group: dict[str, Any]) -> None:
         self.group = group
         self.params = [p for p in group["params"] if p.grad is not None]
         self.grads = [p.grad for p in self.params]
         self.rho = float(group["rho"])
-        self.direction: list[Tensor] = self.grads  # d; replaced by Friendly-SAM
+        self.direction: list[Tensor] = self.grads  # d, set by SAM._direction
         # T = |w| + η (ASAM), or None for T = 1
         self.scale: list[Tensor] | None = None
         if group["adaptive"] and self.params:
@@ -142,6 +162,53 @@ class _Group:
             torch._foreach_mul_(tensors, self.scale)
 
 
+def sam_epsilon(
+    groups: list[AscentGroup],
+    directions: list[list[Tensor]],
+    device: torch.device,
+    owned: bool = False,
+) -> list[Tensor]:
+    """ε_ℓ = ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12), one norm over every group (SAM Eq. 2,
+    ASAM Eq. 9), for the ``directions[i]`` of ``groups[i]``.
+
+    ``owned`` directions are buffers of this step (filtered copies): ε is built in them
+    instead of in new tensors.
+    """
+    if owned:
+        for group, d in zip(groups, directions, strict=True):
+            group.times_scale_(d)
+        scaled = directions
+    else:
+        scaled = [g.times_scale(d) for g, d in zip(groups, directions, strict=True)]
+    norm = global_norm([t for s in scaled for t in s], device)
+    epsilon: list[Tensor] = []
+    for group, s in zip(groups, scaled, strict=True):
+        group.times_scale_(s)
+        scale_(s, group.rho / (norm + NORM_EPS))
+        epsilon.extend(s)
+    return epsilon
+
+
+@runtime_checkable
+class AscentFilter(Protocol):
+    """What a filter of the ascent direction gives SAM (``ZScoreFilter`` is the one here)."""
+
+    def group_defaults(self) -> dict[str, Any]:
+        """Its hyperparameters' defaults, which a param group may override."""
+        ...
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        """Raise a ValueError naming a bad hyperparameter of ``group``."""
+        ...
+
+    def epsilon(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
+        """ε for every tensor of ``groups``, in order, from their directions d."""
+        ...
+
+
+# --- the optimizer ------------------------------------------------------------------------
+
+
 class SAM(Optimizer):
     """Sharpness-Aware Minimization (Foret et al. 2021) around any base optimizer.
 
@@ -153,11 +220,15 @@ class SAM(Optimizer):
         rho: the neighbourhood radius ρ ≥ 0.
         adaptive: ASAM's scale-invariant neighbourhood, T_w = |w| + η.
         eta: η ≥ 0 of ASAM (ignored unless ``adaptive``).
-        zfilter: a :class:`ZScoreFilter` to filter the ascent direction (ZSharp).
+        zfilter: a :class:`ZScoreFilter` to filter the ascent direction (ZSharp); any
+            :class:`AscentFilter` works.
 
     The wrapper and its base optimizer share ``param_groups``: an LR scheduler attached to
     the wrapper drives the base optimizer's learning rate. ``state_dict()`` holds this
     optimizer's own state, the base optimizer's state and the groups, never a copy of w.
+
+    A variant overrides ``_direction`` (the ascent direction d, as :class:`FriendlySAM`
+    does); ε from the directions is ``_epsilon``, which a ``zfilter`` takes over.
     """
 
     def __init__(
@@ -168,58 +239,35 @@ class SAM(Optimizer):
         adaptive: bool = False,
         eta: float = 0.0,
         *,
-        zfilter: ZScoreFilter | None = None,
+        zfilter: AscentFilter | None = None,
         **base_kwargs: Any,
     ) -> None:
         base_optimizer = check_base_optimizer(base_optimizer)
         check_base_kwargs(base_optimizer, base_kwargs)
-        if zfilter is not None and not isinstance(zfilter, ZScoreFilter):
+        if zfilter is not None and not isinstance(zfilter, AscentFilter):
             raise ValueError(f"zfilter must be a ZScoreFilter or None, got {zfilter!r}")
-        defaults: dict[str, Any] = {
+        self.zfilter = zfilter
+        defaults = {
             "rho": check_nonnegative("rho", rho),
             "adaptive": bool(adaptive),
             "eta": check_nonnegative("eta", eta),
             **self._extra_defaults(),
+            **(zfilter.group_defaults() if zfilter is not None else {}),
             **base_kwargs,
         }
-        if zfilter is not None:
-            defaults["percentile"] = zfilter.percentile
-        super().__init__(params, defaults)
-        self.zfilter = zfilter
-        for group in self.param_groups:
-            self._check_group(group)
+        super().__init__(params, defaults)  # checks each group (add_param_group)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         # w, saved by first_step and restored by second_step; never part of state_dict
         self._saved_weights: list[Tensor] | None = None
         self._perturbed_params: list[Tensor] = []
-        self._finite: Tensor | None = None
-
-    # --- configuration ------------------------------------------------------------------
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        """Defaults of a subclass's own hyperparameters (Friendly-SAM's σ and λ)."""
-        return {}
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Validate the sharpness-aware hyperparameters of one param group."""
-        check_nonnegative("rho", group["rho"])
-        check_nonnegative("eta", group["eta"])
-        if "percentile" in group:
-            check_percentile(group["percentile"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to this optimizer and (shared) to its base optimizer."""
-        super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        self._finite: Tensor | None = None  # the first pass's gradients were finite
 
     @property
     def perturbed(self) -> bool:
         """True between ``first_step`` and ``second_step`` (the weights are w + ε)."""
         return self._saved_weights is not None
-
-    # --- the two steps --------------------------------------------------------------------
 
     @torch.no_grad()
     def first_step(
@@ -235,22 +283,22 @@ class SAM(Optimizer):
         scaler = _active(grad_scaler)
         if scaler is not None:
             scaler.unscale_(self)  # its own record, apart from the base optimizer's
-        groups = [_Group(group) for group in self.param_groups]
-        groups = [g for g in groups if g.params]
+        groups = [g for g in map(AscentGroup, self.param_groups) if g.params]
         params = [p for g in groups for p in g.params]
         if not params:
             raise RuntimeError("first_step() found no gradient: call loss.backward() first")
         device = params[0].device
         if scaler is not None:
-            self._finite = torch.isfinite(_global_norm([p.grad for p in params], device))
-        self._set_directions(groups)
+            self._finite = torch.isfinite(global_norm([p.grad for p in params], device))
+        for group in groups:
+            group.direction = self._direction(group)
         epsilon = self._epsilon(groups, device)
-        if self._finite is not None:
+        if self._finite is not None:  # overflow: no perturbation (NaN·0 is NaN: masked_fill)
             overflow = self._finite.logical_not()
-            for e in epsilon:  # overflow: no perturbation (NaN·0 is NaN, hence masked_fill)
+            for e in epsilon:
                 e.masked_fill_(overflow.to(e.device), 0.0)
-        # Only now, with the temporaries of ε freed, is w copied: that keeps the peak at
-        # w, g, ε and the copy, as for plain SAM.
+        # w is copied only now, with the temporaries of ε freed: the peak stays at w, g, ε
+        # and the copy, as for plain SAM
         self._saved_weights = torch._foreach_mul(params, 1.0)  # exact copy, -0.0 kept
         self._perturbed_params = params
         torch._foreach_add_(params, epsilon)
@@ -259,20 +307,34 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def second_step(
-        self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None
+        self,
+        zero_grad: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         """Restore w exactly and let the base optimizer step with the gradient at w + ε.
 
-        With a ``grad_scaler`` the step goes through ``grad_scaler.step`` (which unscales
-        this pass and skips the update on overflow); call ``grad_scaler.update()`` after.
+        ``max_grad_norm`` clips that gradient (unscaled) to this global 2-norm first, as
+        ``torch.nn.utils.clip_grad_norm_`` would. With a ``grad_scaler`` the step goes
+        through ``grad_scaler.step`` (which unscales this pass once and skips the update if
+        either pass overflowed); call ``grad_scaler.update()`` after.
         """
         if self._saved_weights is None:
             raise RuntimeError("second_step() called without first_step()")
+        if max_grad_norm is not None:
+            check_nonnegative("max_grad_norm", max_grad_norm)
         torch._foreach_copy_(self._perturbed_params, self._saved_weights)
         self._saved_weights, self._perturbed_params = None, []
         scaler = _active(grad_scaler)
         if scaler is not None:
+            # before unscaling: the scaler's overflow check then sees the first pass too
             self._forward_first_pass_overflow()
+            if max_grad_norm is not None:
+                scaler.unscale_(self.base_optimizer)  # step() will not unscale again
+        if max_grad_norm is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            clip_grad_norm_(grads, max_grad_norm)
+        if scaler is not None:
             scaler.step(self.base_optimizer)
         else:
             self.base_optimizer.step()
@@ -307,12 +369,42 @@ class SAM(Optimizer):
         self.second_step(zero_grad=True)
         return loss if loss is not None else perturbed_loss
 
+    # --- hooks for variants ---------------------------------------------------------------
+
+    def _direction(self, group: AscentGroup) -> list[Tensor]:
+        """The ascent direction d of one group: the gradient (Friendly-SAM overrides it)."""
+        return group.grads
+
+    def _epsilon(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
+        """ε from the groups' directions: the filter's if there is one, else SAM/ASAM's."""
+        if self.zfilter is not None:
+            return self.zfilter.epsilon(groups, device)
+        return sam_epsilon(groups, [g.direction for g in groups], device)
+
+    # --- configuration and state ----------------------------------------------------------
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Defaults of a subclass's own hyperparameters (Friendly-SAM's σ and λ)."""
+        return {}
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate the sharpness-aware hyperparameters of one param group."""
+        check_nonnegative("rho", group["rho"])
+        check_nonnegative("eta", group["eta"])
+        if self.zfilter is not None:
+            self.zfilter.check_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to this optimizer and (shared) to its base optimizer."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
     def _forward_first_pass_overflow(self) -> None:
         """Make the scaler skip this update if the first pass overflowed.
 
-        The scaler only inspects the gradients it unscales in ``step``; adding +inf to one
-        gradient per device (0 when the first pass was finite) hands it that information
-        without a host sync or private GradScaler state.
+        The scaler only inspects the gradients it unscales; adding +inf to one gradient per
+        device (0 when the first pass was finite) hands it that information without a host
+        sync or private GradScaler state.
         """
         if self._finite is None:
             return
@@ -323,100 +415,6 @@ class SAM(Optimizer):
                     seen.add(p.grad.device)
                     finite = self._finite.to(p.grad.device)
                     p.grad.add_(torch.where(finite, 0.0, float("inf")).to(p.grad.dtype))
-
-    # --- ε ------------------------------------------------------------------------------
-
-    def _set_directions(self, groups: list[_Group]) -> None:
-        """Set each group's ascent direction d (the gradient for SAM and ASAM)."""
-
-    def _epsilon(self, groups: list[_Group], device: torch.device) -> list[Tensor]:
-        """ε for every parameter with a gradient, in the order of ``groups``."""
-        if self.zfilter is None:
-            return self._normalised(groups, [g.direction for g in groups], device)
-        if self.zfilter.variant == "paper":
-            return self._epsilon_paper(groups, device)
-        return self._epsilon_official(groups, device)
-
-    def _normalised(
-        self,
-        groups: list[_Group],
-        directions: list[list[Tensor]],
-        device: torch.device,
-        owned: bool = False,
-    ) -> list[Tensor]:
-        """ε_ℓ = ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) with one norm over every group.
-
-        ``owned`` directions are buffers of this step (filtered copies): ε is built in them
-        instead of in new tensors.
-        """
-        if owned:
-            for group, d in zip(groups, directions, strict=True):
-                group.times_scale_(d)
-            scaled = directions
-        else:
-            scaled = [g.times_scale(d) for g, d in zip(groups, directions, strict=True)]
-        norm = _global_norm([t for s in scaled for t in s], device)
-        epsilon: list[Tensor] = []
-        for group, s in zip(groups, scaled, strict=True):
-            group.times_scale_(s)
-            _scale_(s, group.rho / (norm + NORM_EPS))
-            epsilon.extend(s)
-        return epsilon
-
-    def _filtered(self, groups: list[_Group], select: Callable[[Tensor], bool]) -> list[Tensor]:
-        """Filtered copies d̃ of the directions of the tensors ``select`` picks."""
-        assert self.zfilter is not None
-        chosen = [
-            (d, float(group.group["percentile"]))
-            for group in groups
-            for d in group.direction
-            if select(d)
-        ]
-        return self.zfilter.apply([d for d, _ in chosen], [p for _, p in chosen])
-
-    def _epsilon_paper(self, groups: list[_Group], device: torch.device) -> list[Tensor]:
-        """ZSharp as the paper writes it: one global norm of d̃, fallback to d if d̃ = 0."""
-        filtered = self._filtered(groups, lambda _: True)
-        directions = [g.direction for g in groups]
-        flat_d = [d for ds in directions for d in ds]
-        # d̃ + 1[d̃ = 0]·d: d̃ itself, or d when nothing survived (then d̃ is all zeros)
-        fallback = (_global_norm(filtered, device) == 0).to(torch.float32)
-        torch._foreach_addcmul_(filtered, flat_d, [fallback.to(d) for d in flat_d])
-        chunks, start = [], 0
-        for ds in directions:
-            chunks.append(filtered[start : start + len(ds)])
-            start += len(ds)
-        return self._normalised(groups, chunks, device, owned=True)
-
-    def _epsilon_official(self, groups: list[_Group], device: torch.device) -> list[Tensor]:
-        """ZSharp as the released code computes it (see the module docstring)."""
-        assert self.zfilter is not None
-        epsilon = self._normalised(groups, [g.direction for g in groups], device)  # SAM share
-        selected = self.zfilter.filters
-        filtered = iter(self._filtered(groups, selected))
-        index = 0
-        for group in groups:
-            for d, share, scale in zip(
-                group.direction,
-                epsilon[index : index + len(group.direction)],
-                group.scale or [None] * len(group.direction),
-                strict=True,
-            ):
-                if selected(d):
-                    d_tilde = next(filtered)
-                    td = d_tilde if scale is None else d_tilde * scale
-                    nonzero = torch.linalg.vector_norm(d_tilde) > 0
-                    radius = group.rho / (torch.linalg.vector_norm(td) + NORM_EPS)
-                    a = torch.where(nonzero, radius, 0.0)
-                    # ε_ℓ = a·T²d̃ where d̃ ≠ 0, else the SAM share already in `share`
-                    td.mul_(a.to(td.dtype))
-                    if scale is not None:
-                        td.mul_(scale)
-                    share.mul_(nonzero.logical_not().to(share.dtype)).add_(td)
-            index += len(group.direction)
-        return epsilon
-
-    # --- state --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """This optimizer's state and groups plus the base optimizer's state."""

@@ -24,12 +24,18 @@ the set of kept entries are implemented, one per variant:
     ``torch.quantile(|z|, p/100)`` (linear interpolation between order statistics) and the
     mask is strict, ``|z| > threshold``; only tensors with ``ndim > 1`` are filtered. All
     entries equal means |z| is constant, nothing is strictly above it, nothing is kept.
+    The kept set is main.py's exactly, for every size: z is rounded as main.py rounds it
+    and the threshold is torch.quantile's, rank arithmetic included (:func:`official_rank`).
 
 Both are computed without ``torch.quantile`` (a full sort, and limited to 2^24 elements in
 older releases) and without host synchronisation: tensors of equal size are stacked into
 one matrix so a handful of batched kernels (mean, abs, top-k or k-th value, mask) serve a
 whole group of layers; the threshold is the same order statistic ``torch.quantile`` uses,
 and the official threshold is interpolated with the same ``lerp`` in float32.
+
+The filter also builds ε from the filtered directions (:meth:`ZScoreFilter.epsilon`, Eq. 7
+and the released code's per-tensor normalisation): a SAM-family optimizer given
+``zfilter=`` hands it the ascent step.
 """
 
 from __future__ import annotations
@@ -37,14 +43,16 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from zsharp.optim.sam import NORM_EPS, AscentGroup, global_norm, sam_epsilon
 
 Variant = Literal["paper", "official"]
 VARIANTS: tuple[str, ...] = ("paper", "official")
@@ -55,6 +63,8 @@ _CHUNK_ELEMENTS = 1 << 22
 # top-k beats k-th-value selection for the small k of typical layers (measured on CPU:
 # ResNet-56's layers 10 ms vs 20 ms); for very large k a selection without sorting wins.
 _TOPK_MAX_K = 16384
+# The official std's float64 temporaries hold at most this many elements (2 MiB).
+_STD_BLOCK_ELEMENTS = 1 << 18
 # The released code's guard against a zero standard deviation.
 OFFICIAL_STD_EPS = 1e-12
 
@@ -87,18 +97,33 @@ def paper_keep_count(n: int, percentile: float) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def official_rank(n: int, percentile: float) -> tuple[int, int, float]:
-    """Order statistics and weight of ``torch.quantile(x, p/100)`` on n values.
+def official_rank(n: int, percentile: float, float64: bool = False) -> tuple[int, int, float]:
+    """Order statistics (0-based, ascending) and weight of ``torch.quantile(x, p/100)``.
 
-    torch computes ``rank = q·(n − 1)`` in the input's dtype (float32 here), takes the
-    values at ``floor(rank)`` and ``ceil(rank)`` of the sorted input and blends them with
-    ``lerp`` by ``rank − floor(rank)``. The same float32 arithmetic is reproduced here.
+    For n values of dtype float32 (``float64=False``) or float64, torch's
+    ``quantile_compute`` (aten/src/ATen/native/Sorting.cpp) does, as traced on torch 2.14:
+
+    1. q = p/100 becomes a scalar tensor of the input's dtype: float32 rounds it, 0.95 →
+       0.949999988…;
+    2. rank = q·(n − 1) in float64;
+    3. low = trunc(rank), high = ceil(rank), weight = rank − low cast to the input's dtype;
+    4. the threshold is ``lerp(sorted[low], sorted[high], weight)`` in the input's dtype.
+
+    So where q·(n − 1) is a whole number r and the float32 q is below q (n ≡ 1 mod 20 at
+    p = 95, …) the rank is just under r: low = r − 1 with a weight of 1 − 2⁻²² or so, and
+    the threshold can fall below sorted[r], which is then kept too. (Releases before
+    pytorch/pytorch#187574 formed the rank in float32, which rounds it back to r, and
+    capped n at 2^24.)
     """
-    rank = np.float32(np.float32(percentile / 100.0) * np.float32(n - 1))
+    q = percentile / 100.0
+    if not float64:
+        q = float(np.float32(q))
+    rank = q * (n - 1)  # a Python float is an IEEE double, as torch's float64 rank
     low = int(rank)
-    weight = float(np.float32(rank - np.float32(low)))
-    high = min(int(np.ceil(rank)), n - 1)
-    return low, high, weight
+    weight = rank - low
+    if not float64:
+        weight = float(np.float32(weight))
+    return low, min(math.ceil(rank), n - 1), weight
 
 
 def _largest(values: Tensor, k: int) -> Tensor:
@@ -110,7 +135,7 @@ def _largest(values: Tensor, k: int) -> Tensor:
     return values.kthvalue(n - k + 1, dim=1, keepdim=True).values
 
 
-def _keep_rows_paper(rows: Tensor, percentile: float) -> Tensor | None:
+def _keep_rows_paper(rows: Tensor, percentile: float, tensors: Sequence[Tensor]) -> Tensor | None:
     """Mask of the entries of each row kept by the paper rule (None: every entry)."""
     n = rows.shape[1]
     k = paper_keep_count(n, percentile)
@@ -120,17 +145,50 @@ def _keep_rows_paper(rows: Tensor, percentile: float) -> Tensor | None:
     return deviation >= _largest(deviation, k)
 
 
-def _keep_rows_official(rows: Tensor, percentile: float) -> Tensor:
+def _official_z(rows: Tensor, tensors: Sequence[Tensor], per_tensor: bool | None = None) -> Tensor:
+    """|z| = |g − mean(g)| / (std(g) + 1e-12) of each row, bit for bit as ``main.py``.
+
+    ``tensors`` are the rows' tensors. The z of entries that (nearly) tie decide the kept
+    set when torch.quantile's threshold falls between them, so mean and unbiased std must
+    round as main.py's ``grad.mean()`` and ``grad.std()`` do. ``per_tensor`` (default: off
+    the CPU) takes each tensor's std on its own too.
+    """
+    n = rows.shape[1]
+    tensors = [t.to(rows.dtype) for t in tensors]  # 16-bit ones in float32, as the rows
+    # a float32 sum's rounding depends on its order, which depends on the tensor's shape
+    # and (CPU, n > 32768) the number of threads: one mean per tensor, as main.py's
+    mean = torch.stack([t.mean() for t in tensors]).view(-1, 1)
+    if per_tensor is None:
+        per_tensor = rows.device.type != "cpu"
+    if per_tensor:
+        std = torch.stack([t.std() for t in tensors]).view(-1, 1)
+    else:
+        # torch's CPU std of a whole tensor accumulates (x − mean)² in float64, whose
+        # float32 rounding does not depend on the order: so do we, many rows at once (it is
+        # the slow reduction tensor by tensor). x − mean in float64 is exact; the float64
+        # copies are made a few rows at a time, to keep the step's peak memory down.
+        step = max(1, _STD_BLOCK_ELEMENTS // n)
+        std = torch.cat(
+            [
+                torch.linalg.vector_norm(
+                    block.to(torch.float64, copy=True).sub_(block_mean.double()),
+                    dim=1,
+                    keepdim=True,
+                )
+                for block, block_mean in zip(rows.split(step), mean.split(step), strict=True)
+            ]
+        )
+        std = std.div_(math.sqrt(n - 1)).to(rows.dtype)
+    return (rows - mean).div_(std + OFFICIAL_STD_EPS).abs_()
+
+
+def _keep_rows_official(rows: Tensor, percentile: float, tensors: Sequence[Tensor]) -> Tensor:
     """Mask of the entries of each row kept by the released code's rule."""
     n = rows.shape[1]
     if n == 1:  # the unbiased std of one value is NaN: the released code keeps nothing
         return torch.zeros_like(rows, dtype=torch.bool)
-    deviation = rows - rows.mean(dim=1, keepdim=True)
-    # the unbiased std of main.py's torch.Tensor.std(), from the deviations needed anyway
-    # (two passes instead of torch.std_mean's slower Welford pass on the CPU)
-    std = torch.linalg.vector_norm(deviation, dim=1, keepdim=True).div_(math.sqrt(n - 1))
-    z = deviation.div_(std + OFFICIAL_STD_EPS).abs_()
-    low, high, weight = official_rank(n, percentile)
+    z = _official_z(rows, tensors)
+    low, high, weight = official_rank(n, percentile, rows.dtype == torch.float64)
     # order statistics low and high (0-based, ascending) are the two smallest of the
     # n − low largest values
     if n - low <= _TOPK_MAX_K:
@@ -153,7 +211,7 @@ class ZScoreFilter:
 
     ``percentile`` is p of the paper (95: keep the top 5 % of each layer); a param group
     may override it with its own ``"percentile"`` entry. ``variant`` picks the rule for the
-    kept set and the normalisation of ε (see the module docstring and ``zsharp.optim.SAM``).
+    kept set and the normalisation of ε (see the module docstring and :meth:`epsilon`).
     """
 
     percentile: float = 95.0
@@ -166,6 +224,79 @@ class ZScoreFilter:
     def filters(self, tensor: Tensor) -> bool:
         """Whether this variant filters ``tensor`` (official: only tensors with ndim > 1)."""
         return self.variant == "paper" or tensor.ndim > 1
+
+    # --- what SAM asks of a filter (zsharp.optim.sam.AscentFilter) ------------------------
+
+    def group_defaults(self) -> dict[str, Any]:
+        """p for the param groups that do not set their own ``"percentile"``."""
+        return {"percentile": self.percentile}
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        """Raise a ValueError if the group's ``"percentile"`` is not in [0, 100)."""
+        check_percentile(group["percentile"])
+
+    def epsilon(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
+        """ε from the filtered directions d̃ = d ⊙ m of every tensor of ``groups``.
+
+        ``paper`` (Eq. 7): ε_ℓ = ρ · T_ℓ² ⊙ d̃_ℓ / (‖T ⊙ d̃‖₂ + 1e-12), one norm over the
+        whole model, so ‖ε‖ = ρ; if d̃ is zero everywhere, d is used instead.
+
+        ``official`` (the released code): each tensor with ndim > 1 is normalised on its
+        own, ε_ℓ = ρ · T_ℓ² ⊙ d̃_ℓ / (‖T_ℓ ⊙ d̃_ℓ‖₂ + 1e-12), falling back to the SAM share
+        ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) when d̃_ℓ = 0; 1-D tensors always get the SAM
+        share. ‖ε‖ is then about ρ·√(number of filtered tensors). With T = 1 (no ASAM) this
+        is ``main.py``'s ``first_step``.
+        """
+        if self.variant == "paper":
+            return self._epsilon_paper(groups, device)
+        return self._epsilon_official(groups, device)
+
+    def _filtered(
+        self, groups: list[AscentGroup], select: Callable[[Tensor], bool]
+    ) -> list[Tensor]:
+        """d̃ = d ⊙ m for the directions ``select`` picks, each with its group's p."""
+        chosen = [
+            (d, float(group.group["percentile"]))
+            for group in groups
+            for d in group.direction
+            if select(d)
+        ]
+        return self.apply([d for d, _ in chosen], [p for _, p in chosen])
+
+    def _epsilon_paper(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
+        filtered = self._filtered(groups, lambda _: True)
+        directions = [g.direction for g in groups]
+        flat_d = [d for ds in directions for d in ds]
+        # d̃ + 1[d̃ = 0]·d: d̃ itself, or d when nothing survived (then d̃ is all zeros)
+        fallback = (global_norm(filtered, device) == 0).to(torch.float32)
+        torch._foreach_addcmul_(filtered, flat_d, [fallback.to(d) for d in flat_d])
+        chunks, start = [], 0
+        for ds in directions:
+            chunks.append(filtered[start : start + len(ds)])
+            start += len(ds)
+        return sam_epsilon(groups, chunks, device, owned=True)
+
+    def _epsilon_official(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
+        epsilon = sam_epsilon(groups, [g.direction for g in groups], device)  # SAM shares
+        filtered = iter(self._filtered(groups, self.filters))
+        shares = iter(epsilon)
+        for group in groups:
+            scales = group.scale or [None] * len(group.direction)
+            for d, scale in zip(group.direction, scales, strict=True):
+                share = next(shares)
+                if not self.filters(d):
+                    continue
+                d_tilde = next(filtered)
+                td = d_tilde if scale is None else d_tilde * scale
+                nonzero = torch.linalg.vector_norm(d_tilde) > 0
+                radius = group.rho / (torch.linalg.vector_norm(td) + NORM_EPS)
+                a = torch.where(nonzero, radius, 0.0)
+                # ε_ℓ = a·T²d̃ where d̃ ≠ 0, else the SAM share already in `share`
+                td.mul_(a.to(td.dtype))
+                if scale is not None:
+                    td.mul_(scale)
+                share.mul_(nonzero.logical_not().to(share.dtype)).add_(td)
+        return epsilon
 
     @torch.no_grad()
     def apply(self, tensors: Sequence[Tensor], percentiles: Sequence[float]) -> list[Tensor]:
@@ -187,7 +318,7 @@ class ZScoreFilter:
             for start in range(0, len(members), rows_per_chunk):
                 chunk = members[start : start + rows_per_chunk]
                 rows = torch.stack([tensors[i].reshape(-1) for i in chunk]).to(compute_dtype)
-                keep = keep_rows(rows, percentile)
+                keep = keep_rows(rows, percentile, [tensors[i] for i in chunk])
                 if keep is not None:
                     rows.masked_fill_(keep.logical_not_(), 0.0)
                 for row, i in zip(rows, chunk, strict=True):
@@ -206,7 +337,7 @@ def zscore_mask(gradient: Tensor, percentile: float = 95.0, variant: Variant = "
         return torch.ones_like(gradient, dtype=torch.bool)
     compute_dtype = torch.float64 if gradient.dtype == torch.float64 else torch.float32
     row = gradient.detach().reshape(1, -1).to(compute_dtype)
-    keep = _KEEP_ROWS[variant](row, zfilter.percentile)
+    keep = _KEEP_ROWS[variant](row, zfilter.percentile, [gradient.detach()])
     if keep is None:
         return torch.ones_like(gradient, dtype=torch.bool)
     return keep.view_as(gradient)
