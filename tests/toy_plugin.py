@@ -24,8 +24,8 @@ from zsharp.optim.sam import SAM
 
 
 class HalfSAM(SAM):
-    """SAM whose ascent direction keeps only the first half of each tensor's entries: a
-    stand-in for a new variant (it overrides the direction hook ``_direction``, as Friendly-SAM does)."""
+    """SAM whose ascent direction keeps only the first entries of each tensor: a stand-in
+    for a new variant (it overrides the direction hook ``_direction``, as Friendly-SAM)."""
 
     def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, share: float = 0.5,
                  adaptive: bool = False, eta: float = 0.0, **base_kwargs: Any) -> None:  # fmt: skip
