@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.workflow_helpers import REPO
 
 README = (REPO / "README.md").read_text()
@@ -45,3 +47,26 @@ def test_generated_tables_are_current() -> None:
     assert render_readme(README) == README, "run: python -m zsharp.docs"
     assert "<!-- generated: optimizers -->" in README and "<!-- generated: models -->" in README
     assert (REPO / "config" / "README.md").read_text() == config_reference()
+
+
+def _example(marker: str) -> str:
+    """The README's Python example that contains ``marker``."""
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    return next(block for block in blocks if marker in block)
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        "SharpnessAwareStep(model",
+        pytest.param("L.Trainer(", marks=pytest.mark.slow),
+        pytest.param("SharpnessAwareTrainer(", marks=pytest.mark.slow),
+    ],
+)
+def test_integration_examples_run(marker: str, tmp_path: Path) -> None:
+    script = tmp_path / "example.py"
+    script.write_text(_example(marker) + "\nprint('ok')\n")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
