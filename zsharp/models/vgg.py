@@ -109,23 +109,24 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(out, 1))
 
 
-def vgg16_bn(
-    num_classes: int,
-    image_size: int,
-    in_channels: int = 3,
-    final_pool: str = "max",
-    input_norm: str = "none",
-) -> nn.Module:
-    """VGG-16 with BatchNorm (configuration D, Simonyan & Zisserman 2015), CIFAR head."""
-    return with_input_norm(VGG("D", num_classes, image_size, in_channels, final_pool), input_norm)
+def _builder(config: str, depth: int):  # type: ignore[no-untyped-def]
+    def build(
+        num_classes: int,
+        image_size: int,
+        in_channels: int = 3,
+        final_pool: str = "max",
+        input_norm: str = "none",
+    ) -> nn.Module:
+        vgg = VGG(config, num_classes, image_size, in_channels, final_pool)
+        return with_input_norm(vgg, input_norm)
+
+    build.__name__ = build.__qualname__ = f"vgg{depth}_bn"
+    build.__doc__ = (
+        f"VGG-{depth} with BatchNorm (configuration {config}, Simonyan & Zisserman 2015), "
+        "CIFAR head; the registry's builder."
+    )
+    return build
 
 
-def vgg19_bn(
-    num_classes: int,
-    image_size: int,
-    in_channels: int = 3,
-    final_pool: str = "max",
-    input_norm: str = "none",
-) -> nn.Module:
-    """VGG-19 with BatchNorm (configuration E, Simonyan & Zisserman 2015), CIFAR head."""
-    return with_input_norm(VGG("E", num_classes, image_size, in_channels, final_pool), input_norm)
+vgg16_bn = _builder("D", 16)
+vgg19_bn = _builder("E", 19)
