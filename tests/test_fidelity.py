@@ -180,3 +180,68 @@ def test_asam_scaling_weights_only_matches_the_released_ascent_over_three_steps(
 def test_scaling_weights_only_is_refused_for_a_non_adaptive_optimizer() -> None:
     with pytest.raises(ValueError, match=r"^adaptive_scope"):
         cell_config("digits", "resnet20", "sam", adaptive_scope="weights", deep=False)
+
+
+def released_zsharp_epsilon(model: nn.Module, rho: float, alpha: float) -> list[torch.Tensor]:
+    """SAM.first_step of the released main.py with --zsam, transcribed (adaptive off): a
+    tensor with ndim > 1 is filtered by |z| > quantile(|z|, alpha) and normalised on its own
+    (the SAM share if nothing survives); every other tensor gets the SAM share."""
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    grad_norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+    scale = rho / (grad_norm + 1e-12)
+    out = []
+    for g in grads:
+        if g.ndim > 1:
+            z = (g - g.mean()) / (g.std() + 1e-12)
+            mask = z.abs() > torch.quantile(z.abs(), alpha)
+            filtered = g.clone()
+            filtered[~mask] = 0.0
+            norm = filtered.norm(p=2)
+            out.append(rho * filtered / (norm + 1e-12) if norm > 0 else g * scale)
+        else:
+            out.append(g * scale)
+    return out
+
+
+def released_fsam_epsilon(
+    model: nn.Module, state: dict[int, torch.Tensor], rho: float, sigma: float, lmbda: float
+) -> list[torch.Tensor]:
+    """FriendlySAM.first_step of the released main.py, transcribed (its state: momentum)."""
+    directions = []
+    for i, p in enumerate(model.parameters()):
+        grad = p.grad.detach().clone()
+        d = grad.clone()
+        if i not in state:
+            state[i] = grad
+        else:
+            d -= state[i] * sigma
+            state[i] = state[i] * lmbda + grad * (1 - lmbda)
+        directions.append(d)
+    norm = torch.norm(torch.stack([d.norm(p=2) for d in directions]), p=2)
+    return [d * (rho / (norm + 1e-12)) for d in directions]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "vit"])
+@pytest.mark.parametrize("method", ["zsharp", "fsam"])
+def test_official_epsilon_over_three_steps_is_the_released_codes(name: str, method: str) -> None:
+    """ε of our official ZSharp and our F-SAM, built from config/official.yaml, against
+    transcriptions of the released optimizers, float64, over three SGD steps."""
+    cfg = official_cell(model=name, label=method)
+    torch.manual_seed(0)
+    model = build_model(name, 10, 32, 3, **cfg.model_args).double()
+    optimizer = create(method, model.parameters(), base="sgd", lr=0.01, **cfg.opt_args)
+    x, y = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    state: dict[int, torch.Tensor] = {}
+    for _ in range(3):
+        F.cross_entropy(model(x), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        if method == "zsharp":
+            expected = released_zsharp_epsilon(model, rho=0.05, alpha=0.95)
+        else:
+            expected = released_fsam_epsilon(model, state, rho=0.05, sigma=1.0, lmbda=0.9)
+        optimizer.first_step(zero_grad=True)
+        for p, w, e in zip(model.parameters(), before, expected, strict=True):
+            assert torch.allclose(p - w, e, rtol=1e-9, atol=1e-14)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
