@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh [OUT_DIR]            # default benchmarks/results/gpu
 # Runs, on the GPU: the optimizer benchmark (ZSharp vs SAM step with bf16 autocast and
 # channels-last, the filter vs torch.quantile, peak memory, a host-sync check), the data
-# path benchmark (device-resident loader vs DataLoader workers, goal ≥ 3×), the CUDA tests,
+# path benchmark (device-resident loader vs DataLoader workers, goal ≥ 3×), the CUDA tests
+# (data loader, CUDA-graphed step vs eager),
 # a short training run with and without torch.compile, and the throughput of small-model
 # cells (one cell and k packed cells per GPU; fp32/TF32/bf16; eager, CUDA graph, compile)
 # with the paper grid's projected GPU-hours: OUT_DIR/gpu_throughput.md is the table the
@@ -40,7 +41,8 @@ part "optimizer step" "$OUT/optim_step.log" \
 part "data path" "$OUT/data_path.log" \
   python benchmarks/data_path.py --device cuda --steps 100 --data-steps 300 \
   --out "$OUT/data_path.json"
-part "CUDA tests" "$OUT/tests.log" python -m pytest -q tests/test_data.py -k cuda
+# tests/test_graphs.py: the captured step equals the eager one (skipped without a GPU)
+part "CUDA tests" "$OUT/tests.log" python -m pytest -q tests/test_data.py tests/test_graphs.py -k cuda
 for compile in "" "--compile"; do
   part "train resnet20 ${compile:-eager}" "$OUT/train-resnet20${compile:+-compiled}.log" \
     zsharp train --dataset digits --model resnet20 --optimizer zsharp --epochs 2 \

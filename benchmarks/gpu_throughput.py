@@ -13,7 +13,10 @@ as SAM, ASAM and Friendly-SAM). Measured, in priority order, until the time budg
 1. one cell, eager, fp32 / TF32 / bf16, Adam and ZSharp, 32×32 then 64×64 (Tiny-ImageNet's
    size, 200 classes): images/s, medians of interleaved chunks (benchmarks/common.py);
 2. one cell with the step's launch overhead removed: ``graph`` (the whole step, both
-   passes and the updates, captured once in a CUDA graph and replayed), ``compile``
+   passes and the updates, captured once in a CUDA graph and replayed by
+   ``zsharp.graphs.GraphedStep``, as a cell with ``graphs: true`` trains: fused and
+   capturable Adam, the learning rate a device tensor the LR scheduler fills; on a CPU,
+   ``--tiny`` runs the same code with ``capture=False``), ``compile``
    (``torch.compile(model)``, what ``runtime.compile`` does) and ``reduce-overhead``
    (``torch.compile(model, mode="reduce-overhead")``, CUDA graphs of forward and backward);
 3. k cells packed on the GPU (k = 1, 2, 4, 8 processes, one cell each, started together,
@@ -55,6 +58,7 @@ from common import Timer, interleaved_medians, machine
 
 from zsharp.data import DeviceLoader
 from zsharp.devices import mps_pipe_dir
+from zsharp.graphs import GraphedStep, graph_base_kwargs, tensor_lr_
 from zsharp.models import build_model, num_parameters
 from zsharp.optim import create, disable_running_stats, get_optimizer
 from zsharp.runtime import set_precision
@@ -107,8 +111,6 @@ class Cell:
     def __init__(self, spec: Spec, device: torch.device, data: tuple | None = None) -> None:
         if spec.mode not in MODES:
             raise ValueError(f"unknown mode {spec.mode!r}; choose one of {MODES}")
-        if spec.mode == "graph" and device.type != "cuda":
-            raise RuntimeError("CUDA graphs need a CUDA device")
         self.spec, self.device = spec, device
         cuda = device.type == "cuda"
         self.autocast_dtype = set_precision(spec.precision, device)
@@ -120,9 +122,9 @@ class Cell:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.train()
         self.parameters = num_parameters(model)
-        base = {"lr": 1e-3, "weight_decay": 5e-5}
-        if spec.mode == "graph":  # the base Adam keeps its step count on the device
-            base["capturable"] = True
+        base: dict[str, Any] = {"lr": 1e-3, "weight_decay": 5e-5}
+        if spec.mode == "graph":  # fused Adam, its step count and lr on the device
+            base.update(graph_base_kwargs("adam", device))
         if spec.optimizer == "adam":
             self.optimizer = create("adam", model.parameters(), **base)
         else:
@@ -130,6 +132,19 @@ class Cell:
                 spec.optimizer, model.parameters(), base="adam", rho=0.05, **base
             )
         self.sam = spec.optimizer != "adam"
+        # every mode steps an LR scheduler per step, as the trainer does (constant here)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.graphed: GraphedStep | None = None
+        if spec.mode == "graph":
+            tensor_lr_(self.optimizer)  # after the scheduler: it fills this tensor
+            self.graphed = GraphedStep(
+                self._train,
+                model=model,
+                optimizer=self.optimizer,
+                capture=cuda,
+                warmup=1,  # warmup() sets it
+                clone_outputs=False,  # the benchmark reads no output
+            )
         self.forward: Callable[[torch.Tensor], torch.Tensor] = model
         if spec.mode == "compile":
             self.forward = torch.compile(model)
@@ -150,7 +165,6 @@ class Cell:
             channels_last=cuda,
         )
         self.batches = self._endless()
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_seconds: float | None = None
 
     def _endless(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -168,61 +182,47 @@ class Cell:
             self.device.type, dtype=self.autocast_dtype, cache_enabled=self.spec.mode != "graph"
         )
 
-    def _train(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """The trainer's step (zsharp/train.py, CellTrainer.step) without the GradScaler."""
+    def _train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The trainer's step (zsharp/train.py, CellTrainer.step) without the GradScaler and
+        the scheduler; returns the loss at w (what GraphedStep needs: a tuple of tensors)."""
         if self.spec.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             loss = F.cross_entropy(self.forward(x), y)
         loss.backward()
-        del loss
         if self.sam:
             self.optimizer.first_step(zero_grad=True)
             with disable_running_stats(self.model), self._autocast():
-                loss = F.cross_entropy(self.forward(x), y)
-            loss.backward()
-            del loss
+                perturbed = F.cross_entropy(self.forward(x), y)
+            perturbed.backward()
+            del perturbed
             self.optimizer.second_step(zero_grad=True)
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        return (loss.detach(),)
 
     def warmup(self, steps: int = 3) -> None:
         """Run ``steps`` steps (compiling, or capturing the CUDA graph, on the way)."""
         set_precision(self.spec.precision, self.device)
         start = time.perf_counter()
-        if self.spec.mode != "graph":
-            for _ in range(steps):
-                self.step()
-            self.sync()
-            if self.spec.mode in ("compile", "reduce-overhead"):
-                self.compile_seconds = time.perf_counter() - start
-            return
-        x, y = next(self.batches)
-        self.static_x, self.static_y = x.clone(), y.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
-            for _ in range(steps):
-                self._train(self.static_x, self.static_y)
-        torch.cuda.current_stream().wait_stream(side)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._train(self.static_x, self.static_y)
-        self.graph.replay()
+        if self.graphed is not None:  # `steps` eager steps on a side stream, then capture
+            self.graphed.warmup = max(1, steps)
+            steps = self.graphed.warmup + 1
+        for _ in range(steps):
+            self.step()
         self.sync()
-        self.compile_seconds = time.perf_counter() - start
+        if self.spec.mode != "eager":
+            self.compile_seconds = time.perf_counter() - start
 
     def step(self) -> None:
         set_precision(self.spec.precision, self.device)  # cells in one process differ
         x, y = next(self.batches)
-        if self.graph is None:
+        if self.graphed is None:
             self._train(x, y)
         else:
-            self.static_x.copy_(x)
-            self.static_y.copy_(y)
-            self.graph.replay()
+            self.graphed(x, y)
+        self.scheduler.step()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -671,7 +671,11 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"Training images/s (batch {args.batch_size}, channels-last, synthetic uint8 images "
         "through zsharp.data.DeviceLoader with crop and flip); Adam: one forward-backward per "
-        "step, ZSharp (SAM family): two. One cell: medians of interleaved chunks.",
+        "step, ZSharp (SAM family): two. One cell: medians of interleaved chunks. In "
+        f"parentheses: a mode's gain over eager {args.mode_precision}; `graph` is "
+        "zsharp.graphs.GraphedStep (the whole step in one CUDA graph, fused capturable Adam"
+        + (", not captured on a CPU" if not results.get("cuda_device") else "")
+        + ").",
         "",
     ]
     for size in args.sizes:
@@ -692,6 +696,14 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                     None,
                 )
                 values = [cell_text(single.get(k)) for k in keys]
+                # a mode's gain over eager at the same precision: the graph column is the
+                # eager-vs-graphs comparison of the step (SAM family: two passes)
+                eager = single.get(f"{model}/{kind}/{args.mode_precision}/eager/{size}", {})
+                base = eager.get("images_per_second")
+                for i in range(len(args.precisions), len(keys)):
+                    rate = single.get(keys[i], {}).get("images_per_second")
+                    if rate and base:
+                        values[i] += f" ({rate / base:.2f}×)"
                 lines.append(
                     f"| {model} | {number(params and params / 1e6, 2)}M | {kind} | "
                     + " | ".join(values)
@@ -873,6 +885,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
         "cuda": torch.version.cuda,
+        "cuda_device": args.device.startswith("cuda") and torch.cuda.is_available(),
         "mps": str(mps_pipe_dir()) if mps_pipe_dir() else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python", "benchmarks/gpu_throughput.py", *sys.argv[1:]]),
