@@ -84,6 +84,24 @@ class Sweep:
     values: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A published result of one cell of the grid (``published:``), as its source gives it:
+    accuracy in percent, and its spread as a std or a 95 % confidence interval's half-width
+    over ``runs`` runs (both in percent, None if the source gives none)."""
+
+    index: int  # its place in ``published``
+    dataset: str
+    model: str
+    label: str  # the optimizers entry it names
+    accuracy: float
+    std: float | None
+    ci95: float | None
+    runs: int | None
+    source: str
+    note: str = ""
+
+
 @dataclass
 class Grid:
     """A validated workflow config and its cells."""
@@ -91,6 +109,7 @@ class Grid:
     config: dict[str, Any]
     cells: list[Cell]
     sweeps: dict[str, Sweep] = field(default_factory=dict)  # label → its sweep
+    published: list[Reference] = field(default_factory=list)
 
     @property
     def experiment_dir(self) -> Path:
@@ -329,13 +348,53 @@ def expand_sweeps(optimizers: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return entries, sweeps
 
 
-def load_grid(config: Any) -> Grid:
-    """Validate ``config`` (schema, then every cell's settings) and expand the grid."""
+# the sensitivity plots of the aggregate: one per swept key of a family and dataset
+SENSITIVITY_PLOT = "sensitivity_{family}_{param}_{dataset}.png"
+
+
+def sensitivity_plots(grid: Grid) -> list[tuple[str, str, str]]:
+    """(family, swept key, dataset) of every sensitivity plot of ``grid``'s aggregate."""
+    families: dict[str, list[str]] = {}
+    for sweep in grid.sweeps.values():
+        families.setdefault(sweep.family, list(sweep.values))
+    return [
+        (family, key, dataset)
+        for family, keys in families.items()
+        for key in keys
+        for dataset in grid.config["datasets"]
+    ]
+
+
+def aggregate_document(config: dict[str, Any]) -> str:
+    """The parts of a workflow config (as written, sweeps unexpanded) that the aggregate
+    reads through ``zsharp aggregate --grid``: names, entries, comparison, published results;
+    none of the runtime or W&B settings, so changing those reruns nothing."""
+    document = {
+        "seeds": config["seeds"],
+        "datasets": dict.fromkeys(config["datasets"]),
+        "models": dict.fromkeys(config["models"]),
+        "optimizers": config["optimizers"],
+    }
+    for key in ("compare", "published"):
+        if config.get(key):
+            document[key] = config[key]
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def load_grid(config: Any, cells: bool = True) -> Grid:
+    """Validate ``config`` (schema, then every cell's settings) and expand the grid.
+
+    With ``cells=False`` only the config is checked and expanded (its sweeps, comparison
+    and published references; what the aggregate reads), not each cell's settings.
+    """
     config = check_schema(config)
     config["optimizers"], sweeps = expand_sweeps(config["optimizers"])
-    _check_references(config)
+    _check_references(config, sweeps)
+    published = _check_published(config)
+    if not cells:
+        return Grid(config, [], sweeps, published)
     _check_places(config)
-    cells = []
+    grid_cells = []
     for dataset in config["datasets"]:
         for model in config["models"]:
             for label in config["optimizers"]:
@@ -351,8 +410,8 @@ def load_grid(config: Any) -> Grid:
                         where = f"{dataset}/{model}/{label}"
                         located = _located(error, source, where, f"optimizers.{label}.optimizer")
                         raise _unswept(located, label, sweeps.get(label)) from None
-                    cells.append(Cell(dataset, model, label, seed, copy.deepcopy(cfg)))
-    return Grid(config, cells, sweeps)
+                    grid_cells.append(Cell(dataset, model, label, seed, copy.deepcopy(cfg)))
+    return Grid(config, grid_cells, sweeps, published)
 
 
 _NAME_MAX = 255  # the longest folder name common file systems allow
@@ -401,13 +460,15 @@ def _check_places(config: dict[str, Any]) -> None:
                 )
 
 
-def _check_references(config: dict[str, Any]) -> None:
-    """Names that must point into the grid: the comparison's entries, overrides' `when`."""
+def _check_references(config: dict[str, Any], sweeps: dict[str, Sweep]) -> None:
+    """Names that must point into the grid: the comparison's entries (a candidate may name a
+    swept entry: all its values), overrides' `when`."""
     compare = config.get("compare") or {}
     if compare.get("baseline") and compare["baseline"] not in config["optimizers"]:
         raise GridError(f"compare.baseline: {compare['baseline']!r} is not an optimizers entry")
+    families = {sweep.family for sweep in sweeps.values()}
     for i, label in enumerate(compare.get("candidates") or []):
-        if label not in config["optimizers"]:
+        if label not in config["optimizers"] and label not in families:
             raise GridError(f"compare.candidates.{i}: {label!r} is not an optimizers entry")
     sections = {"dataset": "datasets", "model": "models", "optimizer": "optimizers"}
     for i, override in enumerate(config.get("overrides") or []):
@@ -417,6 +478,72 @@ def _check_references(config: dict[str, Any]) -> None:
                     f"overrides.{i}.when.{key}: {value!r} is not one of the grid's "
                     f"{sections[key]} {list(config[sections[key]])}"
                 )
+
+
+def _published_label(name: str, entries: dict[str, str], where: str) -> str:
+    """The entry a published result names: a label, or the method of exactly one entry."""
+    if name in entries:
+        return name
+    users = [label for label, method in entries.items() if method == name]
+    if len(users) == 1:
+        return users[0]
+    if users:
+        raise GridError(
+            f"{where}: {name!r} is the method of several entries ({', '.join(users)}); "
+            "name one entry's label"
+        )
+    raise GridError(
+        f"{where}: {name!r} is neither an optimizers entry nor the method of one "
+        f"({', '.join(entries)})"
+    )
+
+
+def _check_published(config: dict[str, Any]) -> list[Reference]:
+    """The ``published`` references, each pointing at a cell of the grid, with one value
+    (accuracy or error) and at most one spread (std, or ci95 with runs)."""
+    entries = {
+        label: str((entry or {}).get("optimizer", label))
+        for label, entry in config["optimizers"].items()
+    }
+    references = []
+    for i, item in enumerate(config.get("published") or []):
+        where = f"published.{i}"
+        for key, section in (("dataset", "datasets"), ("model", "models")):
+            if item[key] not in config[section]:
+                raise GridError(
+                    f"{where}.{key}: {item[key]!r} is not one of the grid's {section} "
+                    f"{list(config[section])}"
+                )
+        label = _published_label(item["optimizer"], entries, f"{where}.optimizer")
+        if ("accuracy" in item) == ("error" in item):
+            raise GridError(
+                f"{where}.accuracy: give the accuracy or the error (in percent), exactly one"
+            )
+        if "std" in item and "ci95" in item:
+            raise GridError(f"{where}.ci95: give std or ci95, not both")
+        if "ci95" in item and "runs" not in item:
+            raise GridError(f"{where}.runs: required with ci95 (the runs the interval is over)")
+        accuracy = (
+            float(as_number(item["accuracy"]))
+            if "accuracy" in item
+            else 100.0 - float(as_number(item["error"]))
+        )
+        spread = {k: float(as_number(item[k])) if k in item else None for k in ("std", "ci95")}
+        references.append(
+            Reference(
+                index=i,
+                dataset=item["dataset"],
+                model=item["model"],
+                label=label,
+                accuracy=accuracy,
+                std=spread["std"],
+                ci95=spread["ci95"],
+                runs=item.get("runs"),
+                source=item["source"],
+                note=item.get("note", ""),
+            )
+        )
+    return references
 
 
 def comparison(
@@ -440,4 +567,10 @@ def grid_comparison(grid: Grid) -> tuple[str | None, list[str]]:
         for label, entry in grid.config["optimizers"].items()
     }
     compare = grid.config.get("compare") or {}
-    return comparison(entries, compare.get("baseline"), compare.get("candidates"))
+    candidates = compare.get("candidates")
+    if candidates is not None:  # a swept entry's name stands for all its values
+        families: dict[str, list[str]] = {}
+        for label, sweep in grid.sweeps.items():
+            families.setdefault(sweep.family, []).append(label)
+        candidates = [c for name in candidates for c in families.get(name, [name])]
+    return comparison(entries, compare.get("baseline"), candidates)
