@@ -262,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="entries compared with the baseline (default: every ZSharp entry)",
     )
+    aggregate.add_argument(
+        "--grid",
+        default=None,
+        help="the workflow config (a YAML/JSON file, or JSON text): adds the sensitivity "
+        "plots of its swept entries, its published results, and its comparison when "
+        "--baseline and --candidates are not given",
+    )
     aggregate.add_argument("--experiment", default="zsharp", help="the W&B group")
     _add_wandb_arguments(aggregate)
 
@@ -436,14 +443,50 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid_document(text: str) -> dict[str, Any]:
+    """``aggregate --grid``: a workflow config as JSON text, or a YAML/JSON file."""
+    if text.lstrip().startswith("{"):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--grid: not valid JSON: {error}") from None
+    else:
+        try:
+            document = yaml.safe_load(Path(text).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"--grid: cannot read the workflow config {text}: {error}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"--grid: {text[:60]} does not hold a mapping (a workflow config)")
+    return document
+
+
+def _log_plots(tracker: Any, paths: Sequence[Path]) -> None:
+    """The sensitivity plots as images of the aggregate's W&B run (no-op when disabled)."""
+    if tracker.run is None or not paths:
+        return
+    try:
+        import wandb
+
+        tracker.run.log({f"sensitivity/{path.stem}": wandb.Image(str(path)) for path in paths})
+    except Exception as error:  # as Tracker: a W&B failure is one warning, not a crash
+        tracker._failed("logging the sensitivity plots", error)
+
+
 def _aggregate(args: argparse.Namespace) -> int:
     from zsharp.aggregate import aggregate
+    from zsharp.grid import GridError, load_grid
     from zsharp.tracking import Tracker
 
     missing = [str(c) for c in args.cells if not c.is_dir()]
     if missing:
         raise FileNotFoundError(f"not a cell directory: {missing[0]}")
-    frames = aggregate(args.cells, args.out, args.baseline, args.candidates)
+    grid = None
+    if args.grid is not None:
+        try:
+            grid = load_grid(_grid_document(args.grid), cells=False)
+        except GridError as error:
+            raise ConfigError(f"--grid: {error}") from None
+    frames = aggregate(args.cells, args.out, args.baseline, args.candidates, grid=grid)
     candidates = list(frames["comparison"]["candidate"].unique())
     tracker = Tracker(
         mode=args.wandb_mode,
@@ -455,9 +498,12 @@ def _aggregate(args: argparse.Namespace) -> int:
         job_type="aggregate",
         config={"baseline": args.baseline, "candidates": candidates, "cells": len(args.cells)},
     )
-    for key in ("table", "comparison"):
+    for key in ("table", "comparison", "published", "sensitivity"):
+        if key in ("published", "sensitivity") and frames[key].empty:
+            continue
         frame = frames[key].astype(object).where(frames[key].notna(), None)
         tracker.log_table(key, list(frame.columns), frame.to_numpy().tolist())
+    _log_plots(tracker, list(frames["sensitivity_plots"]))
     tracker.finish()
     table = frames["table"]
     print(

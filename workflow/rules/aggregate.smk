@@ -1,6 +1,16 @@
 # The table, the paired comparison, the plots, and an aggregate W&B run. A cell whose
 # training failed for good (divergence) is recorded by its job and shows as FAILED here; a
 # cell whose last attempt hit a transient fault shows as MISSING (the next run retrains it).
+# The aggregate reads the grid's sweeps, comparison and published results from --grid: the
+# parts of the config that say them (so a runtime or W&B setting reruns nothing).
+from zsharp.grid import SENSITIVITY_PLOT, aggregate_document, sensitivity_plots
+
+
+SENSITIVITY = [
+    (family, param, dataset, SENSITIVITY_PLOT.format(family=family, param=param, dataset=dataset))
+    for family, param, dataset in sensitivity_plots(GRID)
+]
+
 
 rule aggregate:
     input:
@@ -33,6 +43,22 @@ rule aggregate:
             category="Plots",
             labels={"plot": "accuracy vs sharpness"},
         ),
+        published=report(
+            f"{EXP}/published.csv",
+            caption="../report/published.rst",
+            category="Results",
+            labels={"table": "against published results"},
+        ),
+        sensitivity_table=f"{EXP}/sensitivity.csv",
+        sensitivity=[
+            report(
+                f"{EXP}/plots/{name}",
+                caption="../report/sensitivity.rst",
+                category="Sensitivity",
+                labels={"entry": family, "swept": param, "dataset": dataset},
+            )
+            for family, param, dataset, name in SENSITIVITY
+        ],
         curves=[
             report(
                 f"{EXP}/plots/curves_{d}_{m}.png",
@@ -50,11 +76,12 @@ rule aggregate:
         cells=lambda wildcards, input: shlex.join(str(Path(s).parent) for s in input.summaries),
         out=lambda wildcards, output: Path(output.table).parent,
         compare=compare_args(),
+        grid=shlex.quote(aggregate_document(config)),
         experiment=C["experiment"],
     localrule: True
     shell:
         "zsharp aggregate {params.cells} --out {params.out} {params.compare} "
-        "--experiment {params.experiment} > {log} 2>&1"
+        "--grid {params.grid} --experiment {params.experiment} > {log} 2>&1"
 
 
 onsuccess:
