@@ -144,3 +144,81 @@ def clipped_sam_sgd_step(
     norm = math.sqrt(float(np.sum(gw2**2) + np.sum(gb2**2)))
     clip = min(1.0, max_norm / (norm + 1e-6))
     return w - lr * clip * gw2, b - lr * clip * gb2
+
+
+def keep_count_paper(n: int, percentile: float) -> int:
+    """The paper rule's k = ceil(n (100 - p) / 100), at least 1, in exact arithmetic."""
+    return max(1, math.ceil(Fraction(n) * (100 - Fraction(str(percentile))) / 100))
+
+
+def diagnostics(
+    grads: list[np.ndarray],
+    directions: list[np.ndarray],
+    weights: list[np.ndarray],
+    rhos: list[float],
+    *,
+    variant: str | None = None,
+    percentile: float = 95.0,
+    adaptive: list[bool] | None = None,
+    eta: float = 0.0,
+) -> dict[str, float]:
+    """One ascent's diagnostics, from the equations, with ε built here from scratch.
+
+    ``directions`` are the ascent directions d (the gradients g, or Friendly-SAM's
+    g - sigma m), ``adaptive[i]`` whether tensor i has ASAM's T = |w| + eta (else T = 1).
+    Returns ‖g‖, ‖ε‖ (SAM Eq. 2 / ASAM Eq. 9 / ZSharp Eq. 7, or main.py's per-tensor ε),
+    the kept fraction sum|m| / sum n of the Z-score masks (Eq. 5; the official variant's
+    1-D tensors count as kept; 1 with no filter) and cos(d~, d) = <d~, d> / (‖d~‖ ‖d‖) with
+    d~ the filtered direction ε is built from (fallbacks to d included; 1 when d = 0).
+    """
+    g = [np.asarray(x, dtype=np.float64) for x in grads]
+    d = [np.asarray(x, dtype=np.float64) for x in directions]
+    flags = adaptive or [False] * len(d)
+    t = [
+        np.abs(np.asarray(w, dtype=np.float64)) + eta if a else np.ones_like(x)
+        for w, x, a in zip(weights, d, flags, strict=True)
+    ]
+    if variant is None:
+        masks = [np.ones(x.shape, dtype=bool) for x in d]
+    elif variant == "paper":
+        masks = [mask_paper(x, percentile).reshape(x.shape) for x in d]
+    else:
+        assert variant == "official"
+        masks = [
+            mask_official(x, percentile).reshape(x.shape)
+            if x.ndim > 1
+            else np.ones(x.shape, dtype=bool)
+            for x in d
+        ]
+    filtered = [x * m for x, m in zip(d, masks, strict=True)]
+
+    def sam_share(direction: list[np.ndarray]) -> list[np.ndarray]:
+        norm = math.sqrt(
+            sum(float(np.sum((ti * x) ** 2)) for ti, x in zip(t, direction, strict=True))
+        )
+        return [
+            rho * ti**2 * x / (norm + EPS) for rho, ti, x in zip(rhos, t, direction, strict=True)
+        ]
+
+    if variant == "official":
+        used = [x if x.ndim <= 1 or not np.any(f) else f for x, f in zip(d, filtered, strict=True)]
+        share = sam_share(d)
+        eps = [
+            s if x.ndim <= 1 or not np.any(f) else rho * ti**2 * f / (np.linalg.norm(ti * f) + EPS)
+            for rho, ti, x, f, s in zip(rhos, t, d, filtered, share, strict=True)
+        ]
+    else:
+        used = d if all(not np.any(f) for f in filtered) else filtered
+        eps = sam_share(used)
+
+    def norm(xs: list[np.ndarray]) -> float:
+        return math.sqrt(sum(float(np.sum(x**2)) for x in xs))
+
+    inner = sum(float(np.sum(u * x)) for u, x in zip(used, d, strict=True))
+    d_norm = norm(d)
+    return {
+        "grad_norm": norm(g),
+        "epsilon_norm": norm(eps),
+        "kept_fraction": sum(int(m.sum()) for m in masks) / sum(m.size for m in masks),
+        "cosine": inner / (norm(used) * d_norm) if d_norm > 0 else 1.0,
+    }

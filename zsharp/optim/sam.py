@@ -18,6 +18,10 @@ ZSharp) replaces this ε with its own, built from the same groups, directions an
 
 Nothing here synchronises with the device: norms, fallbacks and overflow checks stay on
 the device as tensors and select with arithmetic, never with a Python ``if``.
+
+With ``diagnostics=True`` each ``first_step`` also measures what the ascent did (‖g‖, ‖ε‖,
+the filter's kept fraction and cos∠(d̃, d)) as 0-d device tensors, read back through
+:attr:`SAM.diagnostics`; off (the default), not one extra operation runs.
 """
 
 from __future__ import annotations
@@ -72,21 +76,23 @@ def check_base_kwargs(base_optimizer: type[Optimizer], kwargs: dict[str, Any]) -
 # --- multi-tensor helpers (no host sync) ----------------------------------------------------
 
 
-def global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """‖(t₁, …, t_n)‖₂ as a 0-d tensor on ``device``, without a host sync.
+def tensor_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """‖t_i‖₂ of each tensor (0-d, on its device), accumulated in float32 at least: an fp16
+    norm overflows above 65504. Float64 if any tensor is float64."""
+    if any(t.dtype == torch.float64 for t in tensors):  # (float32 cannot hold a float64 norm)
+        return [torch.linalg.vector_norm(t, dtype=_at_least_float32(t.dtype)) for t in tensors]
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    except TypeError:  # PyTorch releases without the dtype argument
+        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
 
-    Norms are accumulated in float32 at least: an fp16 norm overflows above 65504.
-    """
+
+def global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """‖(t₁, …, t_n)‖₂ as a 0-d tensor on ``device``, without a host sync (norms accumulated
+    as in :func:`tensor_norms`)."""
     if not tensors:
         return torch.zeros((), device=device)
-    if any(t.dtype == torch.float64 for t in tensors):  # (float32 cannot hold a float64 norm)
-        norms = [torch.linalg.vector_norm(t, dtype=_at_least_float32(t.dtype)) for t in tensors]
-    else:
-        try:
-            norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        except TypeError:  # PyTorch releases without the dtype argument
-            norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in tensor_norms(tensors)]))
 
 
 def scale_(tensors: list[Tensor], factor: Tensor) -> None:
@@ -201,8 +207,20 @@ class AscentFilter(Protocol):
         """Raise a ValueError naming a bad hyperparameter of ``group``."""
         ...
 
-    def epsilon(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
-        """ε for every tensor of ``groups``, in order, from their directions d."""
+    def epsilon(
+        self,
+        groups: list[AscentGroup],
+        device: torch.device,
+        stats: dict[str, Tensor] | None = None,
+    ) -> list[Tensor]:
+        """ε for every tensor of ``groups``, in order, from their directions d.
+
+        ``stats`` is given only with diagnostics on; it holds ``"direction_norm"`` (‖d‖) and
+        the filter adds ``"kept"`` (the number of entries its masks keep, a 0-d integer
+        tensor) and ``"filtered_norm"`` (‖d̃‖ of the filtered direction ε is built from, its
+        fallbacks included), both on ``device`` and without a host sync. A filter that
+        adds neither leaves the kept fraction and the cosine out of the diagnostics.
+        """
         ...
 
 
@@ -222,6 +240,8 @@ class SAM(Optimizer):
         eta: η ≥ 0 of ASAM (ignored unless ``adaptive``).
         zfilter: a :class:`ZScoreFilter` to filter the ascent direction (ZSharp); any
             :class:`AscentFilter` works.
+        diagnostics: measure every ``first_step`` (see :attr:`diagnostics`); the attribute
+            ``record_diagnostics`` turns it on and off later. Off by default, at no cost.
 
     The wrapper and its base optimizer share ``param_groups``: an LR scheduler attached to
     the wrapper drives the base optimizer's learning rate. ``state_dict()`` holds this
@@ -240,6 +260,7 @@ class SAM(Optimizer):
         eta: float = 0.0,
         *,
         zfilter: AscentFilter | None = None,
+        diagnostics: bool = False,
         **base_kwargs: Any,
     ) -> None:
         base_optimizer = check_base_optimizer(base_optimizer)
@@ -263,6 +284,42 @@ class SAM(Optimizer):
         self._saved_weights: list[Tensor] | None = None
         self._perturbed_params: list[Tensor] = []
         self._finite: Tensor | None = None  # the first pass's gradients were finite
+        self.record_diagnostics = bool(diagnostics)
+        self._diagnostics: dict[str, Tensor] = {}
+
+    @property
+    def diagnostics(self) -> dict[str, Tensor]:
+        """What the last ``first_step`` did, with diagnostics on (else ``{}``).
+
+        For one step at w with gradient g = ∇L(w) (unscaled by the GradScaler, this rank's
+        under DDP), ascent direction d (g; Friendly-SAM's g − σ·m, Eq. 9 of Li et al.),
+        filtered direction d̃ = d ⊙ m (ZSharp Eq. 6, with its fallbacks to d; d̃ = d
+        without a filter) and the perturbation ε added to the weights:
+
+        ``grad_norm``
+            ‖g‖₂ over every parameter with a gradient (of g, not d, for Friendly-SAM);
+        ``epsilon_norm``
+            ‖ε‖₂ of the ε added to the weights (SAM Eq. 2, ASAM Eq. 9, ZSharp Eq. 7; for
+            16-bit weights the float32 ε, before their rounding): ρ for SAM and the
+            paper's ZSharp with one ρ and T = 1; ≈ ρ·√(filtered tensors) for the official
+            variant; 0 when the GradScaler found an overflow;
+        ``kept_fraction``
+            Σ_ℓ |m_ℓ| / Σ_ℓ n_ℓ, the share of entries the Z-score masks keep (Eq. 5) over
+            every tensor (the official variant's unfiltered 1-D tensors count as kept):
+            k/n of the rule; 1 without a filter (SAM, ASAM, Friendly-SAM);
+        ``cosine``
+            cos∠(d̃, d) = ⟨d̃, d⟩ / (‖d̃‖‖d‖) = ‖d̃‖/‖d‖ in [0, 1] (d̃ is d on a subset of
+            entries), before ASAM's T and any normalisation; 1 without a filter, 1 when
+            d = 0. Friendly-SAM's d is compared with its filtered d̃, not with g.
+
+        Each is a new 0-d tensor on the first parameter's device (float32; float64 with
+        float64 parameters), computed on the device without a host sync: holding or
+        summing them across steps is safe; reading one (``.item()``) synchronises. Set
+        by ``first_step`` only: steps without one (a base-optimizer step of
+        ``interval=k``) leave the last values. On a pass whose gradients overflowed,
+        ``grad_norm`` is inf or NaN (a test of ``torch.isfinite`` tells such steps).
+        """
+        return dict(self._diagnostics) if self.record_diagnostics else {}
 
     @property
     def perturbed(self) -> bool:
@@ -288,15 +345,25 @@ class SAM(Optimizer):
         if not params:
             raise RuntimeError("first_step() found no gradient: call loss.backward() first")
         device = params[0].device
+        record = self.record_diagnostics
+        grad_norm = None
+        if scaler is not None or record:
+            grad_norm = global_norm([p.grad for p in params], device)
         if scaler is not None:
-            self._finite = torch.isfinite(global_norm([p.grad for p in params], device))
+            self._finite = torch.isfinite(grad_norm)
         for group in groups:
             group.direction = self._direction(group)
-        epsilon = self._epsilon(groups, device)
+        if record:
+            stats = {"direction_norm": self._direction_norm(groups, grad_norm, device)}
+            epsilon = self._epsilon(groups, device, stats=stats)
+        else:
+            epsilon = self._epsilon(groups, device)
         if self._finite is not None:  # overflow: no perturbation (NaN·0 is NaN: masked_fill)
             overflow = self._finite.logical_not()
             for e in epsilon:
                 e.masked_fill_(overflow.to(e.device), 0.0)
+        if record:
+            self._diagnostics = self._measure(groups, epsilon, grad_norm, stats, device)
         # w is copied only now, with the temporaries of ε freed: the peak stays at w, g, ε
         # and the copy, as for plain SAM
         self._saved_weights = torch._foreach_mul(params, 1.0)  # exact copy, -0.0 kept
@@ -375,11 +442,55 @@ class SAM(Optimizer):
         """The ascent direction d of one group: the gradient (Friendly-SAM overrides it)."""
         return group.grads
 
-    def _epsilon(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
-        """ε from the groups' directions: the filter's if there is one, else SAM/ASAM's."""
+    def _epsilon(
+        self,
+        groups: list[AscentGroup],
+        device: torch.device,
+        stats: dict[str, Tensor] | None = None,
+    ) -> list[Tensor]:
+        """ε from the groups' directions: the filter's if there is one, else SAM/ASAM's.
+
+        ``stats`` (diagnostics on only) goes to the filter: see :meth:`AscentFilter.epsilon`.
+        """
         if self.zfilter is not None:
-            return self.zfilter.epsilon(groups, device)
+            if stats is None:
+                return self.zfilter.epsilon(groups, device)
+            return self.zfilter.epsilon(groups, device, stats=stats)
         return sam_epsilon(groups, [g.direction for g in groups], device)
+
+    # --- diagnostics (record_diagnostics only) --------------------------------------------
+
+    @staticmethod
+    def _direction_norm(
+        groups: list[AscentGroup], grad_norm: Tensor, device: torch.device
+    ) -> Tensor:
+        """‖d‖, which is ‖g‖ (already computed) unless a variant changed the direction."""
+        if all(group.direction is group.grads for group in groups):
+            return grad_norm
+        return global_norm([d for group in groups for d in group.direction], device)
+
+    def _measure(
+        self,
+        groups: list[AscentGroup],
+        epsilon: list[Tensor],
+        grad_norm: Tensor,
+        stats: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]:
+        """The values of :attr:`diagnostics`, from what the step computed anyway."""
+        measured = {"grad_norm": grad_norm, "epsilon_norm": global_norm(epsilon, device)}
+        if self.zfilter is None:  # d̃ = d: every entry kept, cos = 1
+            measured["kept_fraction"] = torch.ones((), dtype=grad_norm.dtype, device=device)
+            measured["cosine"] = torch.ones((), dtype=grad_norm.dtype, device=device)
+        elif "kept" in stats and "filtered_norm" in stats:
+            n = sum(d.numel() for group in groups for d in group.direction)
+            measured["kept_fraction"] = stats["kept"].to(grad_norm.dtype) / n
+            d_norm = stats["direction_norm"]
+            # ⟨d̃, d⟩ = ‖d̃‖² since d̃ is d on a subset of entries: cos = ‖d̃‖/‖d‖ (1 for d = 0);
+            # clamped against the last bit of rounding between the two norms
+            ratio = stats["filtered_norm"].to(d_norm.dtype) / d_norm
+            measured["cosine"] = torch.where(d_norm > 0, ratio, 1.0).clamp_(max=1.0)
+        return measured
 
     # --- configuration and state ----------------------------------------------------------
 

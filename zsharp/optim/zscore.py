@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zsharp.optim.sam import NORM_EPS, AscentGroup, global_norm, sam_epsilon
+from zsharp.optim.sam import NORM_EPS, AscentGroup, global_norm, sam_epsilon, tensor_norms
 
 Variant = Literal["paper", "official"]
 VARIANTS: tuple[str, ...] = ("paper", "official")
@@ -235,7 +235,12 @@ class ZScoreFilter:
         """Raise a ValueError if the group's ``"percentile"`` is not in [0, 100)."""
         check_percentile(group["percentile"])
 
-    def epsilon(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
+    def epsilon(
+        self,
+        groups: list[AscentGroup],
+        device: torch.device,
+        stats: dict[str, Tensor] | None = None,
+    ) -> list[Tensor]:
         """ε from the filtered directions d̃ = d ⊙ m of every tensor of ``groups``.
 
         ``paper`` (Eq. 7): ε_ℓ = ρ · T_ℓ² ⊙ d̃_ℓ / (‖T ⊙ d̃‖₂ + 1e-12), one norm over the
@@ -246,13 +251,23 @@ class ZScoreFilter:
         ρ · T_ℓ² ⊙ d_ℓ / (‖T ⊙ d‖₂ + 1e-12) when d̃_ℓ = 0; 1-D tensors always get the SAM
         share. ‖ε‖ is then about ρ·√(number of filtered tensors). With T = 1 (no ASAM) this
         is ``main.py``'s ``first_step``.
+
+        With ``stats`` (diagnostics on, see :class:`~zsharp.optim.sam.AscentFilter`) it
+        also reports ``"kept"``, Σ_ℓ |m_ℓ| (an unfiltered 1-D tensor of the official
+        variant counts whole), and ``"filtered_norm"``, ‖d̃‖ of the direction ε is built
+        from: d where the paper's d̃ is all zeros; per tensor for the official variant, d_ℓ
+        for 1-D tensors and where d̃_ℓ = 0. The paper variant reuses the ‖d̃‖ of its
+        fallback test; the count sums the masks the filter builds anyway.
         """
         if self.variant == "paper":
-            return self._epsilon_paper(groups, device)
-        return self._epsilon_official(groups, device)
+            return self._epsilon_paper(groups, device, stats)
+        return self._epsilon_official(groups, device, stats)
 
     def _filtered(
-        self, groups: list[AscentGroup], select: Callable[[Tensor], bool]
+        self,
+        groups: list[AscentGroup],
+        select: Callable[[Tensor], bool],
+        kept: list[Tensor | int] | None = None,
     ) -> list[Tensor]:
         """d̃ = d ⊙ m for the directions ``select`` picks, each with its group's p."""
         chosen = [
@@ -261,14 +276,28 @@ class ZScoreFilter:
             for d in group.direction
             if select(d)
         ]
-        return self.apply([d for d, _ in chosen], [p for _, p in chosen])
+        return self.apply([d for d, _ in chosen], [p for _, p in chosen], kept=kept)
 
-    def _epsilon_paper(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
-        filtered = self._filtered(groups, lambda _: True)
+    def _epsilon_paper(
+        self,
+        groups: list[AscentGroup],
+        device: torch.device,
+        stats: dict[str, Tensor] | None = None,
+    ) -> list[Tensor]:
+        kept: list[Tensor | int] | None = None if stats is None else []
+        filtered = self._filtered(groups, lambda _: True, kept)
         directions = [g.direction for g in groups]
         flat_d = [d for ds in directions for d in ds]
         # d̃ + 1[d̃ = 0]·d: d̃ itself, or d when nothing survived (then d̃ is all zeros)
-        fallback = (global_norm(filtered, device) == 0).to(torch.float32)
+        filtered_norm = global_norm(filtered, device)
+        nothing_kept = filtered_norm == 0
+        if stats is not None:
+            stats["kept"] = _total(kept, device)
+            d_norm = stats["direction_norm"]
+            stats["filtered_norm"] = torch.where(
+                nothing_kept, d_norm.to(filtered_norm), filtered_norm
+            )
+        fallback = nothing_kept.to(torch.float32)
         torch._foreach_addcmul_(filtered, flat_d, [fallback.to(d) for d in flat_d])
         chunks, start = [], 0
         for ds in directions:
@@ -276,19 +305,39 @@ class ZScoreFilter:
             start += len(ds)
         return sam_epsilon(groups, chunks, device, owned=True)
 
-    def _epsilon_official(self, groups: list[AscentGroup], device: torch.device) -> list[Tensor]:
+    def _epsilon_official(
+        self,
+        groups: list[AscentGroup],
+        device: torch.device,
+        stats: dict[str, Tensor] | None = None,
+    ) -> list[Tensor]:
         epsilon = sam_epsilon(groups, [g.direction for g in groups], device)  # SAM shares
-        filtered = iter(self._filtered(groups, self.filters))
+        kept: list[Tensor | int] | None = None if stats is None else []
+        filtered = iter(self._filtered(groups, self.filters, kept))
         shares = iter(epsilon)
+        # diagnostics: ‖d̃_ℓ‖ of the direction each tensor's ε is built from
+        used_norms: list[Tensor] = []
+        d_norms = iter(
+            [] if stats is None else tensor_norms([d for g in groups for d in g.direction])
+        )
         for group in groups:
             scales = group.scale or [None] * len(group.direction)
             for d, scale in zip(group.direction, scales, strict=True):
                 share = next(shares)
+                d_norm = next(d_norms, None)
                 if not self.filters(d):
+                    if kept is not None and d_norm is not None:
+                        kept.append(d.numel())
+                        used_norms.append(d_norm.to(device))
                     continue
                 d_tilde = next(filtered)
                 td = d_tilde if scale is None else d_tilde * scale
-                nonzero = torch.linalg.vector_norm(d_tilde) > 0
+                tilde_norm = torch.linalg.vector_norm(d_tilde)
+                nonzero = tilde_norm > 0
+                if d_norm is not None:
+                    used_norms.append(
+                        torch.where(nonzero, tilde_norm, d_norm.to(tilde_norm)).to(device)
+                    )
                 radius = group.rho / (torch.linalg.vector_norm(td) + NORM_EPS)
                 a = torch.where(nonzero, radius, 0.0)
                 # ε_ℓ = a·T²d̃ where d̃ ≠ 0, else the SAM share already in `share`
@@ -296,16 +345,28 @@ class ZScoreFilter:
                 if scale is not None:
                     td.mul_(scale)
                 share.mul_(nonzero.logical_not().to(share.dtype)).add_(td)
+        if stats is not None:
+            stats["kept"] = _total(kept, device)
+            stats["filtered_norm"] = torch.linalg.vector_norm(torch.stack(used_norms))
         return epsilon
 
     @torch.no_grad()
-    def apply(self, tensors: Sequence[Tensor], percentiles: Sequence[float]) -> list[Tensor]:
+    def apply(
+        self,
+        tensors: Sequence[Tensor],
+        percentiles: Sequence[float],
+        *,
+        kept: list[Tensor | int] | None = None,
+    ) -> list[Tensor]:
         """Filtered copies g̃_ℓ = g_ℓ ⊙ m_ℓ of ``tensors`` (the inputs are not modified).
 
         ``percentiles[i]`` is p for ``tensors[i]``. Every tensor given is filtered; callers
         select the tensors with :meth:`filters`. The result for tensor i is a view into a
         buffer shared by the tensors of its size, in float32 (float64 for float64 tensors):
         16-bit gradients are upcast, since the ε later built from them would underflow.
+        A ``kept`` list receives the number of entries the masks keep, one term per batch
+        of tensors (a 0-d int64 tensor, or an int where every entry is kept); their sum is
+        Σ_ℓ |m_ℓ|.
         """
         keep_rows = _KEEP_ROWS[self.variant]
         out: list[Tensor | None] = [None] * len(tensors)
@@ -320,10 +381,23 @@ class ZScoreFilter:
                 rows = torch.stack([tensors[i].reshape(-1) for i in chunk]).to(compute_dtype)
                 keep = keep_rows(rows, percentile, [tensors[i] for i in chunk])
                 if keep is not None:
+                    if kept is not None:
+                        kept.append(keep.sum())
                     rows.masked_fill_(keep.logical_not_(), 0.0)
+                elif kept is not None:
+                    kept.append(rows.numel())
                 for row, i in zip(rows, chunk, strict=True):
                     out[i] = row.view_as(tensors[i])
         return out  # type: ignore[return-value]
+
+
+def _total(counts: list[Tensor | int], device: torch.device) -> Tensor:
+    """Σ counts as a 0-d int64 tensor on ``device`` (integers added on the host side)."""
+    whole = sum(c for c in counts if isinstance(c, int))
+    tensors = [c.to(device) for c in counts if isinstance(c, Tensor)]
+    if not tensors:
+        return torch.full((), whole, dtype=torch.int64, device=device)
+    return torch.stack(tensors).sum() + whole
 
 
 def zscore_mask(gradient: Tensor, percentile: float = 95.0, variant: Variant = "paper") -> Tensor:
