@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.workflow_helpers import snakemake, tiny_config, write_config
+from tests.workflow_helpers import CommandServer, snakemake, tiny_config, write_config
 from zsharp import checkpoint
 from zsharp.atomic import LOCK_NAME
 
@@ -39,10 +39,25 @@ def zsharp(*args: str) -> list[str]:
     return [sys.executable, "-m", "zsharp.cli", *args]
 
 
+# `python -m zsharp.cli …` commands run as processes forked from the session's command
+# server (conftest's `cli`): each one a fresh process with its own environment, umask and
+# exit status, without importing torch again (a few seconds each, some 30 commands here).
+SERVER: list[CommandServer] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _command_server(cli: CommandServer) -> Iterator[None]:
+    SERVER.append(cli)
+    yield
+    SERVER.remove(cli)
+
+
 def run(
     command: list[str], env: dict[str, str] | None = None, umask: int | None = None, **kwargs
 ) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if command[:3] == zsharp() and SERVER and not kwargs:
+        return SERVER[-1].run(command[3:], env=environment, umask=umask)
     return subprocess.run(
         command,
         env=environment,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +95,121 @@ def snakemake(
 
 def mtimes(root: Path, pattern: str = "**/summary.json") -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.glob(pattern)}
+
+
+# --- the command line without paying for its imports on every run ---------------------------
+
+# A long-lived process that has imported what every `zsharp` command imports (torch, and
+# torch._dynamo, which torch loads on the first optimizer step) and then forks one child
+# per command. Each child is a fresh process for the command: its own environment, working
+# folder, umask, stdin/stdout/stderr and exit status; it runs zsharp.cli as ``__main__``
+# exactly as ``python -m zsharp.cli`` does (uncaught exceptions print a traceback and exit
+# 1; atexit handlers run). Only the imports are done once, in the server, under the test
+# process's environment: a command given another HOME or MPL* variables would see matplotlib
+# configured for the test's (wandb, which reads its settings when it starts, is not imported).
+_CLI_SERVER = r"""
+import json, os, runpy, sys
+
+import torch, torch._dynamo  # noqa: F401  (torch loads _dynamo on the first optimizer step)
+# not zsharp.cli itself: runpy runs it fresh as __main__
+import zsharp.aggregate, zsharp.evaluate, zsharp.train  # noqa: F401
+
+requests, replies = sys.stdin, os.fdopen(os.dup(1), "w")
+for line in requests:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)  # its own process group: a timeout kills the command and its children
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        if request["umask"] is not None:
+            os.umask(request["umask"])
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            out = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(out, fd)
+            os.close(out)
+        os.close(null)
+        replies.close()
+        sys.argv = [sys.argv[0], *request["argv"]]
+        runpy.run_module("zsharp.cli", run_name="__main__", alter_sys=True)
+        sys.exit(0)
+    replies.write(json.dumps({"pid": pid}) + "\n")
+    replies.flush()
+    _, status = os.waitpid(pid, 0)
+    replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+    replies.flush()
+"""
+
+
+class CommandServer:
+    """``python -m zsharp.cli ARGS`` as a fresh process per command, forked from a server
+    that did the imports once (about 5 s of CPU per command saved). ``run`` answers like
+    :func:`subprocess.run` with ``capture_output=True, text=True``."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.count = 0
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _CLI_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the command server exited ({self.process.wait()})")
+        return json.loads(line)
+
+    def run(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        umask: int | None = None,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess[str]:
+        assert self.process.stdin is not None
+        self.count += 1
+        stdout, stderr = (self.scratch / f"{self.count}.{name}" for name in ("out", "err"))
+        request = {
+            "argv": [str(a) for a in args],
+            "env": dict(os.environ if env is None else env),
+            "cwd": str(cwd or Path.cwd()),
+            "umask": umask,
+            "stdout": str(stdout),
+            "stderr": str(stderr),
+        }
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        pid = self._reply(60)["pid"]
+        try:
+            returncode = self._reply(timeout)["returncode"]
+        except TimeoutError:
+            os.killpg(pid, signal.SIGKILL)
+            self._reply(60)
+            raise subprocess.TimeoutExpired(args, timeout) from None
+        return subprocess.CompletedProcess(
+            [sys.executable, "-m", "zsharp.cli", *args],
+            returncode,
+            stdout.read_text(),
+            stderr.read_text(),
+        )
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
