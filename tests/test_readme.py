@@ -4,6 +4,7 @@ command, and its quick start names commands that exist."""
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ def test_library_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_ci_runs_the_readme_test_command() -> None:
+def test_ci_runs_the_readme_test_command_and_then_the_slow_tests() -> None:
+    """The README's `pytest` leaves the slow tests out (pyproject's addopts); CI runs it and
+    then `pytest -m slow`, each to the end, and fails if either failed."""
     quick_start = README.split("## Quick start", 1)[1].split("##", 1)[0]
     test_line = next(line for line in quick_start.splitlines() if "'.[test]'" in line)
     command = test_line.split("&&")[-1].strip()
@@ -36,7 +39,15 @@ def test_ci_runs_the_readme_test_command() -> None:
         for line in (REPO / ".ci/run").read_text().splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
-    assert ci[-1] == command == "pytest"
+    assert command == "pytest"
+    assert ci[-4:] == [
+        "status=0",
+        f"{command} || status=$?",
+        "pytest -m slow || status=$?",
+        'exit "$status"',
+    ]
+    addopts = re.search(r"^addopts = \"(.*)\"$", (REPO / "pyproject.toml").read_text(), re.M)
+    assert shlex.split(addopts.group(1))[-2:] == ["-m", "not slow"]  # a later -m replaces it
 
 
 def test_generated_tables_are_current() -> None:
