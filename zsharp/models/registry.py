@@ -96,10 +96,22 @@ REFERENCE_QUIRKS = Arg("reference_quirks", "boolean", True, "the reference code'
                        "scale 1/√hidden and extra GELU")  # fmt: skip
 
 
+# the ViT's encoder shape; defaults are the paper's (7 layers, 12 heads, hidden 384)
+VIT_SHAPE = (
+    Arg("depth", "integer", 7, "encoder layers", minimum=1),
+    Arg("heads", "integer", 12, "attention heads (must divide hidden)", minimum=1),
+    Arg("hidden", "integer", 384, "token width", minimum=1),
+    Arg("mlp_hidden", "integer", 384, "the MLP's inner width", minimum=1),
+)
+
+
 def _patch_divides(options: Mapping[str, Any], image_size: int) -> None:
     patch = options.get("patch_size")
     if patch is not None and image_size % patch:
         raise ArgError("patch_size", f"{patch} must divide the image size {image_size}")
+    heads, hidden = options.get("heads", 12), options.get("hidden", 384)
+    if hidden % heads:
+        raise ArgError("heads", f"{heads} must divide hidden ({hidden})")
 
 
 for _info in (
@@ -112,7 +124,7 @@ for _info in (
               "VGG-16 + BatchNorm, one linear head"),
     ModelInfo("vgg19_bn", "zsharp.models.vgg:vgg19_bn", (FINAL_POOL, INPUT_NORM),
               "VGG-19 + BatchNorm, one linear head"),
-    ModelInfo("vit", "zsharp.models.vit:vit", (PATCH_SIZE, DROPOUT, REFERENCE_QUIRKS),
+    ModelInfo("vit", "zsharp.models.vit:vit", (PATCH_SIZE, DROPOUT, REFERENCE_QUIRKS, *VIT_SHAPE),
               "the paper's small ViT (7 layers, 12 heads, hidden 384)", _patch_divides),
     ModelInfo("wrn28_10", "zsharp.models.wrn:wrn28_10", (DROPOUT,),
               "Wide ResNet 28-10, pre-activation"),

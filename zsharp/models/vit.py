@@ -174,13 +174,21 @@ def vit(
     patch_size: int | None = None,
     dropout: float = 0.0,
     reference_quirks: bool = True,
+    depth: int = 7,
+    heads: int = 12,
+    hidden: int = 384,
+    mlp_hidden: int = 384,
 ) -> ViT:
-    """The paper's ViT with the options the registry exposes (the encoder's shape fixed)."""
+    """The paper's ViT (its encoder's shape by default) with the registry's options."""
     return ViT(
         num_classes,
         image_size,
         in_channels,
         patch_size=patch_size,
         dropout=dropout,
+        depth=depth,
+        heads=heads,
+        hidden=hidden,
+        mlp_hidden=mlp_hidden,
         reference_quirks=reference_quirks,
     )
