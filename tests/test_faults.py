@@ -319,7 +319,7 @@ def test_out_of_memory_is_transient(data_root, tmp_path, monkeypatch, capsys) ->
     from zsharp import train as train_module
     from zsharp.cli import main
 
-    def out_of_memory(self, x, y):
+    def out_of_memory(self, x, y, share=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train_module.CellTrainer, "step", out_of_memory)

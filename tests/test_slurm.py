@@ -137,3 +137,22 @@ def test_requeued_training_job_resumes_and_ends_as_uninterrupted(tmp_path: Path)
     assert json.loads((cell / "summary.json").read_text())["slurm_job_id"] == job
     snakemake(local, "--cores", "2", config=write_config(local, config))
     assert_same_results(on_slurm, local)
+
+
+def test_two_process_cell_through_sbatch(tmp_path: Path) -> None:
+    """``processes: 2`` with ``gpu: 2``: one sbatch job holding both (fake) GPUs runs the cell
+    through torchrun on 2 gloo processes (no CUDA here); equal to the same cell run locally."""
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    on_slurm.mkdir()
+    local.mkdir()
+    config = slurm_config(optimizers={"zsharp": {}}, train={"epochs": 2, "batch_size": 64})
+    config["resources"]["train"] = {"threads": 2, "gpu": 2, "processes": 2, "mem_mb": 2000}
+    result = snakemake(on_slurm, *SLURM, config=write_config(on_slurm, config), timeout=900)
+    submitted = set(job_ids_in(result.stdout + result.stderr))
+    (cell,) = cells(on_slurm)
+    summary = json.loads((cell / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["ddp"] == "synced"
+    assert summary["slurm_job_id"] in submitted
+    assert sorted(summary["cuda_visible_devices"].split(",")) == ["0", "1"]
+    snakemake(local, "--cores", "2", config=write_config(local, config))
+    assert_same_results(on_slurm, local)

@@ -16,12 +16,15 @@ same command run again continues from the last checkpoint.
 Runtime settings that do not change what a cell computes can also come from the
 environment (the Snakemake workflow sets them from its config): ``ZSHARP_DEVICE``,
 ``ZSHARP_COMPILE``, ``ZSHARP_WANDB_TIMEOUT`` (the longest W&B may make a job wait), and
-W&B's own ``WANDB_MODE``, ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_DIR``.
+W&B's own ``WANDB_MODE``, ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_DIR``;
+``ZSHARP_GRAPHS`` (CUDA graphs), ``ZSHARP_PROCESSES`` (a data-parallel cell's processes) and
+``ZSHARP_DDP_TIMEOUT`` (seconds a collective may wait for a rank).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,6 +68,12 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.strip(), _value(value)
+
+
+def _processes(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _float(text: str) -> float:
@@ -202,7 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_flag("ZSHARP_COMPILE"),
         help="torch.compile the model (default: $ZSHARP_COMPILE)",
     )
+    run.add_argument(
+        "--graphs",
+        action="store_true",
+        default=_env_flag("ZSHARP_GRAPHS"),
+        help="capture the whole training step as CUDA graphs and replay them (small "
+        "models; fused base optimizer; not with fp16, --compile, dropout or --processes; "
+        "uncaptured on a CPU; default: $ZSHARP_GRAPHS)",
+    )
     run.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    run.add_argument(
+        "--processes",
+        type=_processes,
+        default=_processes(os.environ.get("ZSHARP_PROCESSES") or "1"),
+        metavar="N",
+        help="run the cell data-parallel on N processes through torchrun (N GPUs, or CPU "
+        "processes with gloo; the global batch stays --batch-size; default "
+        "$ZSHARP_PROCESSES or 1). Under torchrun or srun yourself, leave it at 1",
+    )
     run.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto")
     run.add_argument(
         "--record-failure",
@@ -328,6 +354,7 @@ def cell_from_arguments(args: argparse.Namespace) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from zsharp.cell import CellError, claim, clear_results
     from zsharp.data import DatasetError
+    from zsharp.distributed import World, launch, timeout_seconds
     from zsharp.tracking import resolve_mode, resolve_timeout
     from zsharp.train import NonFiniteLossError, PreemptedError, record_failure, train_cell
 
@@ -340,6 +367,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         device=args.device,
         compile=args.compile,
+        graphs=args.graphs,
         threads=args.threads,
         progress=args.progress,
         wandb_mode=args.wandb_mode,
@@ -352,19 +380,31 @@ def _train(args: argparse.Namespace) -> int:
     )
     rt.validate()
     resolve_mode(rt.wandb_mode), resolve_timeout()
-    with claim(args.out):  # one process per cell; refuses /, ~, a folder that is no cell
-        clear_results(args.out)  # a summary.json always belongs to the metrics beside it
+    world = World.from_environ()
+    if args.processes > 1:
+        if world.distributed:
+            raise ConfigError(
+                "processes: this is already one of torchrun's processes; leave --processes "
+                "at 1 under torchrun or srun"
+            )
+        timeout_seconds()  # a bad $ZSHARP_DDP_TIMEOUT fails here, before any process starts
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        return launch(args.processes, _without_processes(argv))
+    owned = claim(args.out) if world.main else contextlib.nullcontext()
+    with owned:  # one process per cell; refuses /, ~, a folder that is no cell
+        if world.main:
+            clear_results(args.out)  # a summary.json always belongs to the metrics beside it
         try:
             # what only building tells (a timm name, a model option): a property of the
             # configuration, recorded like a divergence
             cfg = from_dict(document, deep=True)
-            summary = train_cell(cfg, rt)
+            summary = train_cell(cfg, rt, world)
         except (PreemptedError, DatasetError, CellError, KeyboardInterrupt):
             raise
         except Exception as error:
             recurs = isinstance(error, (NonFiniteLossError, ConfigError))
             final_attempt = args.attempt is None or args.attempt[0] >= args.attempt[1]
-            if not args.record_failure or not (recurs or final_attempt):
+            if not args.record_failure or not (recurs or final_attempt) or not world.main:
                 raise
             record_failure(cfg, rt, error, transient=not recurs)
             what = "a failure" if recurs else "a transient fault (the workflow retries it)"
@@ -374,6 +414,8 @@ def _train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 0
+    if not world.main:
+        return 0
     final = summary["final"]
     print(
         f"{args.out}: test_acc {final['test_acc']:.4f} test_loss {final['test_loss']:.4f} "
@@ -551,7 +593,39 @@ def _transient(error: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (see the module docstring)."""
+    """Run the command line; return the exit status (see the module docstring).
+
+    One of several processes of a cell (under ``zsharp train --processes``) leaves its
+    status for the launcher, which passes rank 0's on (torchrun does not).
+    """
+    from zsharp.distributed import World, announce, shutdown, write_status
+
+    world = World.from_environ()
+    announce(world)
+    code = 1  # an uncaught exception
+    try:
+        code = _main(argv)
+        return code
+    finally:
+        if world.distributed:
+            write_status(world, code)
+            shutdown()
+
+
+def _without_processes(argv: Sequence[str]) -> list[str]:
+    """``argv`` less its ``--processes N`` (each rank is one process)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--processes":
+            skip = True
+        elif not item.startswith("--processes="):
+            out.append(item)
+    return out
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from zsharp.atomic import BusyError
     from zsharp.cell import CellError
     from zsharp.checkpoint import CorruptCheckpointError
@@ -566,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = None if argv is None else list(argv)
     except SystemExit as exit_:  # --help, --version, or a one-line usage error
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     bad_input = (

@@ -124,6 +124,17 @@ class CellConfig:
             "loss and accuracy are measured: w, or w+eps (the released code)",
             choices=("w", "w+eps"))
     )  # fmt: skip
+    ddp: str = _setting(
+        Arg("ddp", "string", "synced", "a cell on several processes: synced (the ascent "
+            "gradient all-reduced: the step of one process on the global batch) or "
+            "m-sharpness (each rank's ε from its own shard, m = batch_size / processes)",
+            choices=("synced", "m-sharpness"))
+    )  # fmt: skip
+    sync_bn: bool = _setting(
+        Arg("sync_bn", "boolean", False, "a cell on several GPUs: BatchNorm statistics "
+            "over the global batch (SyncBatchNorm); false: each rank's shard, rank 0's "
+            "running statistics kept")
+    )  # fmt: skip
 
     def validate(self, deep: bool = True) -> CellConfig:
         """Check every value in place (numbers normalised); raise :class:`ConfigError`
@@ -251,6 +262,7 @@ class Runtime:
     checkpoint: Path | None = None  # default: <out>/checkpoint.pt
     device: str = "auto"
     compile: bool = False
+    graphs: bool = False  # the step as CUDA graphs (zsharp.graphs)
     threads: int | None = None
     progress: str = "auto"  # auto: a bar on a terminal, a line per epoch otherwise
     wandb_mode: str | None = None  # None: $WANDB_MODE, else offline

@@ -98,6 +98,7 @@ def resource(rule, key, default):
 for _variable, _value in {
     "ZSHARP_DEVICE": C["runtime"].get("device"),
     "ZSHARP_COMPILE": {True: "1", False: "0"}.get(C["runtime"].get("compile")),
+    "ZSHARP_GRAPHS": {True: "1", False: "0"}.get(C["runtime"].get("graphs")),
     "WANDB_MODE": C["wandb"].get("mode"),
     "WANDB_PROJECT": C["wandb"].get("project"),
     "WANDB_ENTITY": C["wandb"].get("entity"),
@@ -113,10 +114,12 @@ def gpu_resources(rule):
     `cells_per_gpu: K > 1` one of K slots on each of `gpu` GPUs: such a job counts
     `gpu_slot` (`--resources gpu_slot=GPUs×K`) and no `gpu`, so K jobs share a device.
     `gpus_per_cell`, `cells_per_gpu` and `gpu_mem_mb` are read by the shell line
-    (`zsharp-device`); resources are no rerun trigger, so changing them reruns nothing."""
+    (`zsharp-device`), `processes` (a data-parallel cell: torchrun ranks, default `gpu`)
+    by `zsharp train`; resources are no rerun trigger, so changing them reruns nothing."""
     gpus = resource(rule, "gpu", 1)
     per_gpu = resource(rule, "cells_per_gpu", 1)
     resources = {
+        "processes": resource(rule, "processes", max(gpus, 1)),
         "gpus_per_cell": gpus,
         "cells_per_gpu": per_gpu,
         "gpu_mem_mb": resource(rule, "gpu_mem_mb", 0),

@@ -38,5 +38,5 @@ rule train:
         "zsharp train --config {params.cell:q} --out {params.out} --data-root {params.data} "
         "--label {wildcards.label} --key {wildcards.dataset}/{wildcards.model}/"
         "{wildcards.label}/seed{wildcards.seed} "
-        "--threads {threads} --progress lines --record-failure "
+        "--threads {threads} --processes {resources.processes} --progress lines --record-failure "
         "--attempt {resources.attempt} {params.attempts} >> {log} 2>&1"

@@ -128,6 +128,10 @@ class DeviceLoader:
             on GPUs with tensor cores).
         dtype: floating dtype of the returned images (normalisation is computed in float32
             first, then cast).
+        rank, world_size: serve only shard ``rank`` of every batch (of ``world_size``
+            shards, sizes differing by at most one, as ``torch.tensor_split``): the ranks of
+            a data-parallel cell together see exactly the batches one process would, with
+            the same augmentation, as a pure function of (seed, epoch, rank, world size).
     """
 
     def __init__(
@@ -147,8 +151,12 @@ class DeviceLoader:
         flip: bool = True,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         _check_inputs(images, labels, batch_size, mean, std)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.device = torch.device(device if device is not None else "cpu")
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -161,6 +169,7 @@ class DeviceLoader:
         self.flip = flip
         self.channels_last = channels_last
         self.dtype = dtype
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         # x/255 then (x - mean)/std, folded into one multiply-add.
         std_t = torch.tensor(std, dtype=torch.float32)
@@ -214,8 +223,15 @@ class DeviceLoader:
         if not 0 <= start <= len(self):
             raise ValueError(f"start must be in [0, {len(self)}], got {start}")
         plan = self.plan().to(self.device)
+        n = self.num_samples
         for first in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            yield self._batch(plan, slice(first, first + self.batch_size))
+            yield self._batch(plan, self.shard(first, min(first + self.batch_size, n)))
+
+    def shard(self, first: int, end: int) -> slice:
+        """This rank's part of the batch of positions ``first … end − 1``."""
+        size, extra = divmod(end - first, self.world_size)
+        lo = first + self.rank * size + min(self.rank, extra)
+        return slice(lo, lo + size + (self.rank < extra))
 
     def _batch(self, plan: EpochPlan, window: slice) -> tuple[torch.Tensor, torch.Tensor]:
         index = plan.order[window]
@@ -241,7 +257,8 @@ class DeviceLoader:
         return (
             f"DeviceLoader(n={self.num_samples}, batch_size={self.batch_size}, "
             f"shuffle={self.shuffle}, augment={self.augment}, drop_last={self.drop_last}, "
-            f"device={self.device}, seed={self.seed}, epoch={self.epoch})"
+            f"device={self.device}, seed={self.seed}, epoch={self.epoch}, "
+            f"rank={self.rank}/{self.world_size})"
         )
 
 
