@@ -1,0 +1,114 @@
+"""The trainer's per-epoch filter diagnostics and its CUDA-graph step (``graphs``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from tests import reference
+from zsharp.cli import main
+from zsharp.config import Runtime, cell_config
+from zsharp.train import DIAGNOSTICS, CellTrainer, StopSignals, train_cell
+
+
+def trainer(data_root: Path, out: Path, optimizer: str = "zsharp", **settings: Any) -> CellTrainer:
+    settings = {"epochs": 1, "batch_size": 256, **settings}
+    cfg = cell_config("digits", "resnet20", optimizer, deep=False, **settings)
+    return CellTrainer(cfg, Runtime(out=out, data_root=data_root, threads=1))
+
+
+def test_epoch_diagnostics_are_the_means_of_the_steps(data_root: Path, tmp_path: Path) -> None:
+    """Each step's ‖g‖, ‖ε‖, kept fraction and cosine recomputed in float64 from the
+    gradient the optimizer saw (the paper's rule, written independently in
+    tests/reference.py), the losses at w and w + ε from the model: their means are the
+    epoch's record."""
+    t = trainer(data_root, tmp_path, opt_args={"rho": 0.07, "percentile": 90.0})
+    seen: list[list[float]] = []
+    first_step = t.optimizer.first_step
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        params = [p for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad.detach().double().numpy().copy() for p in params]
+        weights = [p.detach().double().numpy().copy() for p in params]
+        d = reference.diagnostics(
+            grads, grads, weights, [0.07] * len(grads), variant="paper", percentile=90.0
+        )
+        seen.append([d["grad_norm"], d["epsilon_norm"], d["kept_fraction"], d["cosine"]])
+        return first_step(*args, **kwargs)
+
+    t.optimizer.first_step = watched  # type: ignore[method-assign]
+    losses: list[tuple[float, float]] = []
+    loss_fn = t._loss
+
+    def watched_loss(x: torch.Tensor, y: torch.Tensor) -> Any:
+        loss, logits = loss_fn(x, y)
+        losses.append((float(loss.detach()), float(F.cross_entropy(logits.detach().double(), y))))
+        return loss, logits
+
+    t._loss = watched_loss  # type: ignore[method-assign]
+    with StopSignals() as stop:
+        t.train_epoch(stop, None)
+    record = t.finish_epoch()
+    n = len(seen)
+    assert n == len(t.train_batches) and len(losses) == 2 * n
+    at_w = [losses[2 * i][1] for i in range(n)]
+    at_eps = [losses[2 * i + 1][1] for i in range(n)]
+    expected = [sum(column) / n for column in zip(*seen, strict=True)]
+    expected += [sum(at_w) / n, sum(at_eps) / n, (sum(at_eps) - sum(at_w)) / n]
+    for name, value in zip(DIAGNOSTICS, expected, strict=True):
+        assert record[name] == pytest.approx(value, rel=2e-5, abs=1e-6), name
+    assert record["epsilon_norm"] == pytest.approx(0.07, rel=1e-5)  # ‖ε‖ = ρ (paper)
+    assert 0 <= record["ascent_cosine"] <= 1 and 0 < record["kept_fraction"] < 0.2
+
+
+def test_base_optimizers_record_no_diagnostics(data_root: Path, tmp_path: Path) -> None:
+    t = trainer(data_root, tmp_path, optimizer="sgd")
+    with StopSignals() as stop:
+        t.train_epoch(stop, None)
+    assert not set(DIAGNOSTICS) & set(t.finish_epoch())
+
+
+def test_graphs_step_equals_eager_on_cpu(data_root: Path, tmp_path: Path) -> None:
+    """``graphs`` on a CPU runs the same step uncaptured, with the graph-ready optimizer
+    (fused SGD, a float32 learning-rate tensor): equal to eager to float tolerance, and the
+    summary says so. (The captured path needs a CUDA device: tests/test_graphs.py.)"""
+    cfg = cell_config("digits", "resnet20", "zsharp", epochs=2, batch_size=256, sam_interval=2)
+    summaries = {}
+    for graphs in (False, True):
+        rt = Runtime(out=tmp_path / str(graphs), data_root=data_root, threads=1, graphs=graphs,
+                     wandb_mode="disabled")  # fmt: skip
+        summaries[graphs] = train_cell(cfg, rt)
+    eager, graphed = summaries[False], summaries[True]
+    assert (eager["graphs"], graphed["graphs"]) == (False, True)
+    for key in ("train_loss", "test_loss", "grad_norm", "sharpness"):
+        assert graphed["final"][key] == pytest.approx(eager["final"][key], rel=1e-4), key
+    records = {
+        graphs: [json.loads(line) for line in (tmp_path / str(graphs) / "metrics.jsonl").open()]
+        for graphs in (False, True)
+    }
+    # the learning rate, a float32 tensor in the optimizer, is recorded as a number
+    assert [r["lr"] for r in records[True]] == pytest.approx([r["lr"] for r in records[False]])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--precision", "fp16"], "graphs: fp16 with a GradScaler cannot be captured"),
+        (["--compile"], "graphs: torch.compile and CUDA graphs together"),
+        (["--model", "vit", "--model-arg", "dropout=0.1"], "graphs: module"),
+    ],
+)
+def test_graphs_refusals_name_the_key(
+    extra: list[str], message: str, data_root: Path, tmp_path: Path, capsys: Any
+) -> None:
+    args = ["train", "--dataset", "digits", "--model", "resnet20", "--optimizer", "zsharp"]
+    args += ["--epochs", "1", "--out", str(tmp_path / "c"), "--data-root", str(data_root)]
+    code = main([*args, "--graphs", "--wandb-mode", "disabled", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
