@@ -112,3 +112,32 @@ def test_graphs_refusals_name_the_key(
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_graphs_resume_from_a_checkpoint_is_bit_identical(data_root: Path, tmp_path: Path) -> None:
+    """A checkpoint's learning-rate tensor and optimizer state replace the ones a graph was
+    made with: the graphs are dropped and made again, and the run goes on as if never
+    interrupted."""
+    cfg = cell_config("digits", "resnet20", "zsharp", deep=False, epochs=3, batch_size=256,
+                      sam_interval=2)  # fmt: skip
+
+    def make() -> CellTrainer:
+        rt = Runtime(out=tmp_path, data_root=data_root, threads=1, graphs=True)
+        return CellTrainer(cfg, rt)
+
+    first = make()
+    with StopSignals() as stop:
+        first.train_epoch(stop, None)
+        first.finish_epoch()
+        first.save_checkpoint()
+        first.train_epoch(stop, None)
+        uninterrupted = first.finish_epoch()
+    resumed = make()
+    assert resumed.try_resume()
+    with StopSignals() as stop:
+        resumed.train_epoch(stop, None)
+        again = resumed.finish_epoch()
+    for key in ("train_loss", "train_acc", "test_acc", "grad_norm", "sharpness"):
+        assert again[key] == uninterrupted[key], key
+    for a, b in zip(first.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
