@@ -85,7 +85,7 @@ def test_graphs_step_equals_eager_on_cpu(data_root: Path, tmp_path: Path) -> Non
         summaries[graphs] = train_cell(cfg, rt)
     eager, graphed = summaries[False], summaries[True]
     assert (eager["graphs"], graphed["graphs"]) == (False, True)
-    for key in ("train_loss", "test_loss", "grad_norm", "sharpness"):
+    for key in ("train_loss", "test_loss", "grad_norm", "sam_sharpness"):
         assert graphed["final"][key] == pytest.approx(eager["final"][key], rel=1e-4), key
     records = {
         graphs: [json.loads(line) for line in (tmp_path / str(graphs) / "metrics.jsonl").open()]
@@ -137,7 +137,7 @@ def test_graphs_resume_from_a_checkpoint_is_bit_identical(data_root: Path, tmp_p
     with StopSignals() as stop:
         resumed.train_epoch(stop, None)
         again = resumed.finish_epoch()
-    for key in ("train_loss", "train_acc", "test_acc", "grad_norm", "sharpness"):
+    for key in ("train_loss", "train_acc", "test_acc", "grad_norm", "sam_sharpness"):
         assert again[key] == uninterrupted[key], key
     for a, b in zip(first.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -388,6 +388,7 @@ def _train(args: argparse.Namespace) -> int:
                 "at 1 under torchrun or srun"
             )
         timeout_seconds()  # a bad $ZSHARP_DDP_TIMEOUT fails here, before any process starts
+        _check_world(cfg, rt, args.processes)
         argv = sys.argv[1:] if args.argv is None else args.argv
         return launch(args.processes, _without_processes(argv))
     owned = claim(args.out) if world.main else contextlib.nullcontext()
@@ -610,6 +611,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if world.distributed:
             write_status(world, code)
             shutdown()
+
+
+def _check_world(cfg: Any, rt: Runtime, processes: int) -> None:
+    """What would stop a data-parallel cell, refused before its processes start."""
+    from zsharp.runtime import load_data, select_device
+    from zsharp.train import check_world
+
+    device = select_device(rt.device)
+    check_world(cfg.validate(), processes, device.type, len(load_data(cfg, rt.data_root).train_y))
 
 
 def _without_processes(argv: Sequence[str]) -> list[str]:

@@ -60,7 +60,8 @@ CHECKPOINT_FORMAT = 1
 
 # per-epoch means over the sharpness-aware steps (metrics.jsonl, W&B, the summary's final):
 # ‖g‖ at w, ‖ε‖, the fraction of gradient entries the filter kept, cos∠(filtered, full
-# ascent direction), the loss at w and at w + ε, and their difference (SAM's sharpness)
+# ascent direction), the loss at w and at w + ε, and their difference (SAM's sharpness
+# estimate; not the Hessian's top eigenvalue that `zsharp evaluate` calls sharpness)
 DIAGNOSTICS = (
     "grad_norm",
     "epsilon_norm",
@@ -68,7 +69,7 @@ DIAGNOSTICS = (
     "ascent_cosine",
     "loss_at_w",
     "loss_at_w_eps",
-    "sharpness",
+    "sam_sharpness",
 )
 
 
@@ -85,6 +86,19 @@ class PreemptedError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def check_world(cfg: CellConfig, processes: int, device_type: str, train_images: int) -> None:
+    """Refuse, naming the key, a cell that cannot run on ``processes`` data-parallel ranks
+    (called before any process starts, and by every rank)."""
+    last = train_images % cfg.batch_size or cfg.batch_size
+    if min(cfg.batch_size, last) < processes:
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} leaves a batch of {last} images for "
+            f"{processes} processes; every process needs at least one image of every batch"
+        )
+    if cfg.sync_bn and device_type != "cuda":
+        raise ConfigError("sync_bn: SyncBatchNorm runs on CUDA devices only")
 
 
 def param_groups(model: torch.nn.Module, cfg: CellConfig) -> list[dict[str, Any]]:
@@ -153,7 +167,7 @@ class CellTrainer:
             torch.set_num_threads(max(1, rt.threads // world.size))
         self.data = load_data(cfg, rt.data_root)
         if world.distributed:
-            self._check_world()
+            check_world(cfg, world.size, self.device.type, len(self.data.train_y))
             distributed.init(world, self.device.type)
         cuda = self.device.type == "cuda"
         self._seed_everything(cfg.seed)
@@ -233,18 +247,6 @@ class CellTrainer:
             )
         except ValueError as error:  # the message names the key (graphs: …)
             raise ConfigError(str(error)) from None
-
-    def _check_world(self) -> None:
-        """Refuse what cannot run data-parallel, naming the key, before any work."""
-        cfg, size = self.cfg, self.world.size
-        last = len(self.data.train_y) % cfg.batch_size or cfg.batch_size
-        if min(cfg.batch_size, last) < size:
-            raise ConfigError(
-                f"batch_size: {cfg.batch_size} leaves a batch of {last} images for "
-                f"{size} processes; every process needs at least one image of every batch"
-            )
-        if cfg.sync_bn and self.device.type != "cuda":
-            raise ConfigError("sync_bn: SyncBatchNorm runs on CUDA devices only")
 
     def _data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.cfg.sync_bn:
