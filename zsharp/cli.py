@@ -615,10 +615,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_world(cfg: Any, rt: Runtime, processes: int) -> None:
     """What would stop a data-parallel cell, refused before its processes start."""
+    import torch
+
     from zsharp.runtime import load_data, select_device
     from zsharp.train import check_world
 
     device = select_device(rt.device)
+    if device.type == "cuda" and torch.cuda.device_count() < processes:
+        raise ConfigError(
+            f"processes: {processes} processes need {processes} GPUs (one each), but "
+            f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
     check_world(cfg.validate(), processes, device.type, len(load_data(cfg, rt.data_root).train_y))
 
 
