@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.workflow_helpers import CommandServer
 from zsharp import checkpoint
 from zsharp.cli import main
 from zsharp.config import Runtime, cell_config
@@ -59,6 +61,27 @@ def command(out: Path, data: Path, *extra: str) -> list[str]:
     return train_command(out, data, *CELL, "--threads", "1", "--progress", "lines", *extra)
 
 
+# `zsharp train` runs that go to their end are processes forked from the session's command
+# server (conftest's `cli`): each a fresh process with its own environment and exit status,
+# without importing torch again. Runs that a test signals mid-way are started as usual.
+SERVER: list[CommandServer] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _command_server(cli: CommandServer) -> Iterator[None]:
+    SERVER.append(cli)
+    yield
+    SERVER.remove(cli)
+
+
+def run_command(
+    cmd: list[str], environment: dict[str, str], timeout: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cmd`` (a :func:`train_command`) to its end, its output captured."""
+    assert cmd[:3] == [sys.executable, "-m", "zsharp.cli"], cmd
+    return SERVER[-1].run(cmd[3:], env=environment, cwd=cwd, timeout=timeout)
+
+
 def env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
 
@@ -83,9 +106,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 def reference_run(tmp_path_factory, data_root) -> Path:
     """The uninterrupted run every fault test is compared with."""
     out = tmp_path_factory.mktemp("reference")
-    result = subprocess.run(
-        command(out, data_root), env=env(out), capture_output=True, text=True, timeout=600
-    )
+    result = run_command(command(out, data_root), env(out), timeout=600)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -110,9 +131,7 @@ def test_cell_outputs(reference_run: Path) -> None:
 
 
 def test_rerun_of_a_finished_cell_is_identical(reference_run: Path, data_root, tmp_path) -> None:
-    result = subprocess.run(
-        command(tmp_path, data_root), env=env(tmp_path), capture_output=True, text=True, timeout=600
-    )
+    result = run_command(command(tmp_path, data_root), env(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr
     assert_same_run(reference_run, tmp_path)
 
@@ -148,9 +167,7 @@ def test_sigkill_then_rerun_is_bit_identical(
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert not (tmp_path / "summary.json").exists()
-    result = subprocess.run(
-        command(tmp_path, data_root), env=env(tmp_path), capture_output=True, text=True, timeout=600
-    )
+    result = run_command(command(tmp_path, data_root), env(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr
     assert_same_run(reference_run, tmp_path)
 
@@ -177,9 +194,7 @@ def test_preemption_signal_checkpoints_mid_epoch_and_resumes(
     assert signal.Signals(signum).name in stderr
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     assert (state["epoch"], state["batch"] > 0) in {(1, True), (2, False), (2, True)}
-    result = subprocess.run(
-        command(tmp_path, data_root), env=env(tmp_path), capture_output=True, text=True, timeout=600
-    )
+    result = run_command(command(tmp_path, data_root), env(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr
     assert_same_run(reference_run, tmp_path)
 
@@ -189,7 +204,7 @@ def test_nonfinite_loss_stops_with_epoch_and_step(data_root, tmp_path) -> None:
         tmp_path, data_root, "--dataset", "digits", "--model", "resnet20", "--optimizer", "sgd",
         "--lr", "1e6", "--momentum", "0", "--epochs", "2", "--schedule", "constant",
     )  # fmt: skip
-    result = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    result = run_command(cmd, env(tmp_path), timeout=300)
     assert result.returncode == 4, result.stderr
     assert "non-finite training loss at epoch 1, step" in result.stderr
     assert not (tmp_path / "summary.json").exists()
@@ -296,9 +311,7 @@ def test_wandb_offline_run_has_curves_and_config_and_no_api_key(data_root, tmp_p
         tmp_path, data_root, "--dataset", "digits", "--model", "resnet20", "--optimizer", "fsam",
         "--seed", "1", "--epochs", "2", "--batch-size", "256", "--wandb-project", "zsharp-tests",
     )  # fmt: skip
-    result = subprocess.run(
-        cmd, env=environment, capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
+    result = run_command(cmd, environment, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = wandb_records(tmp_path)
     run = next(r["run"] for r in records if r["type"] == "run")
@@ -359,7 +372,7 @@ def test_digits_defaults_pass_90_percent(data_root, tmp_path) -> None:
     cmd = train_command(
         tmp_path, data_root, "--dataset", "digits", "--model", "resnet20", "--optimizer", "zsharp"
     )
-    result = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=900)
+    result = run_command(cmd, env(tmp_path), timeout=900)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final"]["test_acc"] >= 0.90
