@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,15 @@ def test_graphs_resume_from_a_checkpoint_is_bit_identical(data_root: Path, tmp_p
         assert again[key] == uninterrupted[key], key
     for a, b in zip(first.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_evaluate_a_vit_cell(data_root: Path, tmp_path: Path) -> None:
+    """The Hessian's power iteration differentiates attention twice: the fused attention
+    kernels cannot, so it runs in the math kernel, and a ViT cell evaluates."""
+    tiny = {"depth": 1, "hidden": 32, "heads": 2, "mlp_hidden": 32}
+    cfg = cell_config("digits", "vit", "zsharp", epochs=1, batch_size=256, model_args=tiny)
+    train_cell(cfg, Runtime(out=tmp_path, data_root=data_root, threads=1, wandb_mode="disabled"))
+    args = ["evaluate", "--cell", str(tmp_path), "--data-root", str(data_root)]
+    assert main([*args, "--hessian-samples", "32", "--hessian-iterations", "2"]) == 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert math.isfinite(evaluation["sharpness"]) and evaluation["sharpness"] != 0

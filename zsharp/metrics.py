@@ -87,8 +87,23 @@ def hessian_top_eigenvalue(
     Power iteration: v ← Hv/‖Hv‖ with Hv = ∇(∇L·v) computed exactly by double
     backpropagation, λ = v·Hv, until λ changes by less than ``tolerance`` relative (or
     ``iterations`` products). BatchNorm should be in eval mode so that L is a function of w
-    alone. Returns (λ, Hessian-vector products used).
+    alone. Returns (λ, Hessian-vector products used). Attention runs in PyTorch's math
+    kernel here: the fused scaled-dot-product kernels have no second derivative.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return _power_iteration(model, loss_fn, batches, iterations, tolerance, seed)
+
+
+def _power_iteration(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: list[tuple[Tensor, Tensor]],
+    iterations: int,
+    tolerance: float,
+    seed: int,
+) -> tuple[float, int]:
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=generator).to(p) for p in params]
