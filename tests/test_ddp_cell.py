@@ -210,6 +210,9 @@ def test_bad_world_refused_before_work(data_root: Path, tmp_path: Path) -> None:
     assert "sync_bn: SyncBatchNorm runs on CUDA devices only" in result.stderr
     result = run(command(tmp_path / "b", data_root, processes=0), tmp_path)
     assert result.returncode == 2 and "--processes" in result.stderr
+    result = run(command(tmp_path / "d", data_root, "--graphs"), tmp_path)
+    assert result.returncode == 2 and "graphs: not with --processes > 1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     # a batch with fewer images than processes
     result = run(command(tmp_path / "c", data_root, "--batch-size", "1"), tmp_path)
     assert result.returncode == 2 and "batch_size: 1" in result.stderr, result.stderr

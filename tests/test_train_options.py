@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +158,24 @@ def test_evaluate_a_vit_cell(data_root: Path, tmp_path: Path) -> None:
     assert main([*args, "--hessian-samples", "32", "--hessian-iterations", "2"]) == 0
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert math.isfinite(evaluation["sharpness"]) and evaluation["sharpness"] != 0
+
+
+def test_ctrl_c_checkpoints_and_exits_3(data_root: Path, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) is a request to stop like SIGTERM: a checkpoint within one step, exit 3,
+    one line; the same command continues."""
+    cell = tmp_path / "cell"
+    args = [sys.executable, "-m", "zsharp.cli", "train", "--dataset", "digits", "--model",
+            "resnet20", "--optimizer", "zsharp", "--epochs", "3", "--batch-size", "64",
+            "--threads", "1", "--out", str(cell), "--data-root", str(data_root),
+            "--wandb-mode", "disabled", "--progress", "lines"]  # fmt: skip
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cell / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stderr
+    assert "stopped by SIGINT; checkpoint written" in stderr and "Traceback" not in stderr
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resuming" in again.stderr, again.stderr

@@ -8,7 +8,7 @@
 Exit status: 0 success; 1 an unexpected error (a bug: its traceback is printed); 2 bad
 input (the message names the key or file, and nothing was started), a cell in use by
 another process (the message names it), or a refused output folder; 3 interrupted by
-SIGTERM/SIGUSR1 after writing a checkpoint (run the same command again to continue); 4 a
+SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (run the same command again to continue); 4 a
 non-finite loss (the last good checkpoint is kept); 5 a transient fault (a full disk, an
 I/O error, out of memory): one line names the file and errno, nothing is recorded, and the
 same command run again continues from the last checkpoint.
@@ -354,7 +354,7 @@ def cell_from_arguments(args: argparse.Namespace) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from zsharp.cell import CellError, claim, clear_results
     from zsharp.data import DatasetError
-    from zsharp.distributed import World, launch, timeout_seconds
+    from zsharp.distributed import World, launch, launched_rank, timeout_seconds
     from zsharp.tracking import resolve_mode, resolve_timeout
     from zsharp.train import NonFiniteLossError, PreemptedError, record_failure, train_cell
 
@@ -381,16 +381,18 @@ def _train(args: argparse.Namespace) -> int:
     rt.validate()
     resolve_mode(rt.wandb_mode), resolve_timeout()
     world = World.from_environ()
-    if args.processes > 1:
-        if world.distributed:
-            raise ConfigError(
-                "processes: this is already one of torchrun's processes; leave --processes "
-                "at 1 under torchrun or srun"
-            )
+    if args.processes > 1 and world.distributed and not launched_rank():
+        raise ConfigError(
+            f"processes: {args.processes} (--processes or $ZSHARP_PROCESSES) asked of a process "
+            "torchrun or srun already started; leave it at 1 there"
+        )
+    if args.processes > 1 and not world.distributed:
+        if rt.graphs:
+            raise ConfigError("graphs: not with --processes > 1 (one process per cell only)")
         timeout_seconds()  # a bad $ZSHARP_DDP_TIMEOUT fails here, before any process starts
         _check_world(cfg, rt, args.processes)
-        argv = sys.argv[1:] if args.argv is None else args.argv
-        return launch(args.processes, _without_processes(argv))
+        # the ranks run the same command line: each sees it was launched (launched_rank)
+        return launch(args.processes, sys.argv[1:] if args.argv is None else args.argv)
     owned = claim(args.out) if world.main else contextlib.nullcontext()
     with owned:  # one process per cell; refuses /, ~, a folder that is no cell
         if world.main:
@@ -630,19 +632,6 @@ def _check_world(cfg: Any, rt: Runtime, processes: int) -> None:
     check_world(cfg.validate(), processes, device.type, len(load_data(cfg, rt.data_root).train_y))
 
 
-def _without_processes(argv: Sequence[str]) -> list[str]:
-    """``argv`` less its ``--processes N`` (each rank is one process)."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--processes":
-            skip = True
-        elif not item.startswith("--processes="):
-            out.append(item)
-    return out
-
-
 def _main(argv: Sequence[str] | None) -> int:
     from zsharp.atomic import BusyError
     from zsharp.cell import CellError
@@ -667,23 +656,31 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return COMMANDS[args.command](args)
     except bad_input as error:
-        print(f"zsharp {args.command}: error: {_line(error)}", file=sys.stderr)
+        _say(f"zsharp {args.command}: error: {_line(error)}")
         return EXIT_BAD_INPUT
     except PreemptedError as error:
-        print(f"zsharp {args.command}: {error}", file=sys.stderr)
+        _say(f"zsharp {args.command}: {error}")
         return EXIT_INTERRUPTED
     except NonFiniteLossError as error:
-        print(f"zsharp {args.command}: error: {error}", file=sys.stderr)
+        _say(f"zsharp {args.command}: error: {error}")
         return EXIT_NONFINITE
     except Exception as error:
         if not _transient(error):
             raise
-        print(
+        _say(
             f"zsharp {args.command}: error: {_line(error)} (a transient fault: nothing was "
-            "recorded; fix it and run the same command again)",
-            file=sys.stderr,
+            "recorded; fix it and run the same command again)"
         )
         return EXIT_TRANSIENT
+
+
+def _say(message: str) -> None:
+    """A command's one-line outcome on stderr; of a data-parallel cell's ranks, rank 0's only
+    (they all reach the same outcome)."""
+    from zsharp.distributed import World
+
+    if World.from_environ().main:
+        print(message, file=sys.stderr)
 
 
 def _line(error: BaseException) -> str:

@@ -146,6 +146,11 @@ def barrier() -> None:
 # --- the front: zsharp train --processes N ---------------------------------------------------
 
 
+def launched_rank() -> bool:
+    """Whether this process is one of the ranks :func:`launch` started."""
+    return bool(os.environ.get(STATUS_ENV))
+
+
 def write_status(world: World, code: int) -> None:
     """Leave this rank's exit status where :func:`launch` looks for it."""
     folder = os.environ.get(STATUS_ENV)
@@ -204,7 +209,6 @@ def launch(processes: int, argv: Sequence[str], wait_s: float = SHUTDOWN_TIMEOUT
     """
     with tempfile.TemporaryDirectory(prefix="zsharp-ranks-") as folder:
         env = {**os.environ, STATUS_ENV: folder}
-        env.pop("ZSHARP_PROCESSES", None)  # each rank is one process
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set quietly
         child = subprocess.Popen(torchrun_command(processes, argv), env=env)
         forwarded: set[int] = set()

@@ -114,9 +114,10 @@ def param_groups(model: torch.nn.Module, cfg: CellConfig) -> list[dict[str, Any]
 
 
 class StopSignals:
-    """Records SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
+    """Records SIGTERM/SIGUSR1/SIGINT (Ctrl-C) so the loop can checkpoint at the next step
+    boundary."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -357,7 +358,8 @@ class CellTrainer:
         if state.get("world_size", 1) != self.world.size:
             print(
                 f"ignoring {path}: it was written by {state.get('world_size', 1)} processes, "
-                f"this run has {self.world.size}",
+                f"this run has {self.world.size} (run with --processes "
+                f"{state.get('world_size', 1)} to continue from epoch {state.get('epoch', 0) + 1})",
                 file=sys.stderr,
             )
             return None
@@ -622,7 +624,7 @@ def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, A
         # data parallel: the processes, and the m of m-sharpness (images per ε)
         "processes": trainer.world.size,
         "ddp": cfg.ddp if trainer.world.distributed else None,
-        "m": cfg.batch_size // trainer.world.size
+        "m": -(-cfg.batch_size // trainer.world.size)  # the largest shard
         if trainer.world.distributed and cfg.ddp == "m-sharpness"
         else None,
         "versions": {"zsharp": __version__, "torch": torch.__version__},
