@@ -59,6 +59,7 @@ def reference(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return tmp / "cell"
 
 
+@pytest.mark.slow  # torchrun and 2 processes: 30–60 s on 2 cores
 def test_synced_two_processes_equal_one_process(
     reference: Path, data_root: Path, tmp_path: Path
 ) -> None:
