@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,3 +27,15 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommandServer]:
     server = CommandServer(tmp_path_factory.mktemp("cli"))
     yield server
     server.close()
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test leaves os.environ as it found it: an in-process W&B run, for one, leaves its
+    service's address there, and a later test's subprocesses (snakemake jobs) would attach
+    to that service and write their runs late."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -154,7 +154,8 @@ def test_evaluate_a_vit_cell(data_root: Path, tmp_path: Path) -> None:
     tiny = {"depth": 1, "hidden": 32, "heads": 2, "mlp_hidden": 32}
     cfg = cell_config("digits", "vit", "zsharp", epochs=1, batch_size=256, model_args=tiny)
     train_cell(cfg, Runtime(out=tmp_path, data_root=data_root, threads=1, wandb_mode="disabled"))
-    args = ["evaluate", "--cell", str(tmp_path), "--data-root", str(data_root)]
+    args = ["evaluate", "--cell", str(tmp_path), "--data-root", str(data_root), "--wandb-mode"]
+    args.append("disabled")  # no W&B service in the test process for later tests to inherit
     assert main([*args, "--hessian-samples", "32", "--hessian-iterations", "2"]) == 0
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert math.isfinite(evaluation["sharpness"]) and evaluation["sharpness"] != 0
