@@ -40,6 +40,14 @@ def run(args: list[str], tmp: Path, **env: str) -> subprocess.CompletedProcess[s
     )
 
 
+def start(args: list[str], tmp: Path, **env: str) -> subprocess.Popen[str]:
+    """:func:`run`, started in the background (a test signals it or its ranks)."""
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=environment(TMPDIR=str(tmp), **env),
+    )  # fmt: skip
+
+
 def weights(cell: Path) -> dict[str, torch.Tensor]:
     return torch.load(cell / "model.pt", weights_only=True)
 
@@ -111,10 +119,7 @@ def test_killed_rank_then_rerun_is_bit_identical(
 ) -> None:
     cell = tmp_path / "cell"
     args = command(cell, data_root)
-    launcher = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=environment(TMPDIR=str(tmp_path)),
-    )  # fmt: skip
+    launcher = start(args, tmp_path)
     deadline = time.monotonic() + 300
     pid = _rank_pid(tmp_path, 1, deadline)
     _wait_for(cell / "checkpoint.pt", deadline)  # epoch 1 done: now inside epoch 2
@@ -138,10 +143,7 @@ def test_signal_to_one_rank_checkpoints_every_rank(
     """The signal reaches rank 1 alone; the ranks agree, rank 0 writes, the launcher exits 3."""
     cell = tmp_path / "cell"
     args = command(cell, data_root)
-    launcher = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=environment(TMPDIR=str(tmp_path)),
-    )  # fmt: skip
+    launcher = start(args, tmp_path)
     deadline = time.monotonic() + 300
     pid = _rank_pid(tmp_path, 1, deadline)
     _wait_for(cell / "checkpoint.pt", deadline)
@@ -159,10 +161,7 @@ def test_signal_to_one_rank_checkpoints_every_rank(
 @pytest.mark.slow  # torchrun and 2 processes: 30–60 s on 2 cores
 def test_sigterm_to_the_launcher_exits_3(data_root: Path, tmp_path: Path) -> None:
     cell = tmp_path / "cell"
-    launcher = subprocess.Popen(
-        command(cell, data_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=environment(TMPDIR=str(tmp_path)),
-    )  # fmt: skip
+    launcher = start(command(cell, data_root), tmp_path)
     _wait_for(cell / "checkpoint.pt", time.monotonic() + 300)
     launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=300)
@@ -183,12 +182,8 @@ def test_non_finite_loss_stops_every_rank(data_root: Path, tmp_path: Path) -> No
 def test_a_hanging_rank_does_not_hang_the_cell(data_root: Path, tmp_path: Path) -> None:
     """Rank 1 stopped (SIGSTOP): rank 0's collective times out, torchrun ends the cell."""
     cell = tmp_path / "cell"
-    launcher = subprocess.Popen(
-        command(cell, data_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=environment(
-            TMPDIR=str(tmp_path), ZSHARP_DDP_TIMEOUT="5", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="3"
-        ),
-    )  # fmt: skip
+    timeouts = {"ZSHARP_DDP_TIMEOUT": "5", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
+    launcher = start(command(cell, data_root), tmp_path, **timeouts)
     deadline = time.monotonic() + 300
     pid = _rank_pid(tmp_path, 1, deadline)
     _wait_for(cell / "checkpoint.pt", deadline)
