@@ -60,7 +60,8 @@ from zsharp.data import DeviceLoader
 from zsharp.devices import mps_pipe_dir
 from zsharp.graphs import GraphedStep, graph_base_kwargs, tensor_lr_
 from zsharp.models import build_model, num_parameters
-from zsharp.optim import create, disable_running_stats, get_optimizer
+from zsharp.optim import create, get_optimizer
+from zsharp.optim.step import loss_passes, two_pass_step
 from zsharp.runtime import set_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +132,6 @@ class Cell:
             self.optimizer = create(
                 spec.optimizer, model.parameters(), base="adam", rho=0.05, **base
             )
-        self.sam = spec.optimizer != "adam"
         # every mode steps an LR scheduler per step, as the trainer does (constant here)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.graphed: GraphedStep | None = None
@@ -187,20 +187,9 @@ class Cell:
         the scheduler; returns the loss at w (what GraphedStep needs: a tuple of tensors)."""
         if self.spec.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        with self._autocast():
-            loss = F.cross_entropy(self.forward(x), y)
-        loss.backward()
-        if self.sam:
-            self.optimizer.first_step(zero_grad=True)
-            with disable_running_stats(self.model), self._autocast():
-                perturbed = F.cross_entropy(self.forward(x), y)
-            perturbed.backward()
-            del perturbed
-            self.optimizer.second_step(zero_grad=True)
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return (loss.detach(),)
+        passes = loss_passes(self.forward, F.cross_entropy, x, y, autocast=self._autocast)
+        loss = two_pass_step(self.optimizer, self.model, passes, keep_grads=False).loss
+        return (loss,)
 
     def warmup(self, steps: int = 3) -> None:
         """Run ``steps`` steps (compiling, or capturing the CUDA graph, on the way)."""

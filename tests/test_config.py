@@ -33,6 +33,7 @@ from zsharp.models.registry import MODELS
 from zsharp.optim import create
 from zsharp.optim.args import ArgError
 from zsharp.optim.registry import OPTIMIZERS, get_optimizer
+from zsharp.optim.step import SharpnessAwareStep
 
 SCHEMA = schema()
 PLUGIN_ENV = {"ZSHARP_PLUGINS": "tests.toy_plugin", "PYTHONPATH": str(REPO)}
@@ -194,7 +195,11 @@ def toy_grid() -> dict[str, Any]:
         experiment="toy",
         datasets={"toy-blobs": {}},
         models={"toy-mlp": {"model_args": {"width": 4}}},
-        optimizers={"half-sam": {"opt_args": {"share": 0.25, "rho": 0.1}}, "sgd": {}},
+        optimizers={
+            "half-sam": {"opt_args": {"share": 0.25, "rho": 0.1}},
+            "ortho-sam": {"opt_args": {"alpha": 0.5}},
+            "sgd": {},
+        },
         train={"epochs": 1},
     )
 
@@ -217,6 +222,56 @@ def test_a_plugin_reaches_create_and_the_config_validation(toy_registered) -> No
         load_grid(bad)
 
 
+def float64_ortho_sam(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rho: float,
+    alpha: float, lr: float,
+) -> list[torch.Tensor]:  # fmt: skip
+    """OrthoSAM + SGD written from its docstring's equation, in float64, without zsharp:
+    ε = ρ g/(‖g‖ + 1e-12), g' = ∇L(w + ε), d_ℓ = g'_ℓ − α (g_ℓ − ⟨g_ℓ, g'_ℓ⟩/(‖g'_ℓ‖² + 1e-12)
+    g'_ℓ), w ← w − lr d."""
+    m = copy.deepcopy(model).double()
+    params = list(m.parameters())
+
+    def grad(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        loss = torch.nn.functional.cross_entropy(m(x.double()), y)
+        return list(torch.autograd.grad(loss, params))
+
+    for x, y in batches:
+        w = [p.detach().clone() for p in params]
+        g = grad(x, y)
+        norm = torch.sqrt(sum((t**2).sum() for t in g))
+        with torch.no_grad():
+            for p, t in zip(params, g, strict=True):
+                p.add_(rho * t / (norm + 1e-12))
+        g2 = grad(x, y)
+        with torch.no_grad():
+            for p, w0, a, b in zip(params, w, g, g2, strict=True):
+                d = b - alpha * (a - (a * b).sum() / ((b * b).sum() + 1e-12) * b)
+                p.copy_(w0 - lr * d)
+    return [p.detach() for p in params]
+
+
+def test_a_descent_variant_is_one_module(toy_registered) -> None:
+    """The toy descent variant (only its _descent hook) built by name, three steps of it
+    through SharpnessAwareStep equal to a float64 transcription of its equation."""
+    torch.manual_seed(0)
+    model = MODELS["toy-mlp"].load()(3, 4, 1, width=6).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(10, 1, 4, 4, generator=g), torch.randint(0, 3, (10,), generator=g))
+               for _ in range(3)]  # fmt: skip
+    start = copy.deepcopy(model)
+    expected = float64_ortho_sam(model, batches, rho=0.1, alpha=0.7, lr=0.2)
+    optimizer = create("ortho-sam", model.parameters(), lr=0.2, rho=0.1, alpha=0.7)
+    step = SharpnessAwareStep(model, optimizer, torch.nn.functional.cross_entropy)
+    for x, y in batches:
+        step(x.double(), y)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+    # with α = 0 the same equation is SAM's, and far from α = 0.7's weights
+    sam = float64_ortho_sam(start, batches, rho=0.1, alpha=0.0, lr=0.2)
+    assert max(float((a - b).abs().max()) for a, b in zip(sam, expected, strict=True)) > 1e-4
+
+
 def test_a_plugin_trains_through_the_command_line(tmp_path: Path) -> None:
     env = environment(WANDB_MODE="disabled", **PLUGIN_ENV)
     command = [
@@ -230,6 +285,13 @@ def test_a_plugin_trains_through_the_command_line(tmp_path: Path) -> None:
     assert summary["config"]["opt_args"]["share"] == 0.25
     assert summary["label"] == "half-sam" and summary["status"] == "ok"
     assert (tmp_path / "data" / "toy-blobs" / "READY").exists()
+    # the descent variant, through the same command line
+    ortho = [*command[:9], "ortho-sam", "--opt", "alpha=0.7", *command[12:]]
+    ortho[ortho.index("--out") + 1] = str(tmp_path / "ortho")
+    result = subprocess.run(ortho, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "ortho" / "summary.json").read_text())
+    assert summary["config"]["opt_args"]["alpha"] == 0.7 and summary["status"] == "ok"
     # without the plugin the same command is refused in one line, before any work
     without = {k: v for k, v in env.items() if k != "ZSHARP_PLUGINS"}
     result = subprocess.run(command, env=without, capture_output=True, text=True, timeout=300)
@@ -240,6 +302,7 @@ def test_a_plugin_is_named_in_a_snakemake_grid(tmp_path: Path) -> None:
     path = write_config(tmp_path, toy_grid())
     result = snakemake(tmp_path, "-n", "--cores", "1", config=path, extra_env=PLUGIN_ENV)
     assert "toy-blobs/toy-mlp/half-sam/seed0" in result.stdout
+    assert "toy-blobs/toy-mlp/ortho-sam/seed0" in result.stdout
     assert "toy-blobs/toy-mlp/sgd/seed0" in result.stdout
 
 

@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 import zsharp.optim as zo
 from zsharp.graphs import GraphedStep, check_graphable, graph_base_kwargs, tensor_lr_
-from zsharp.optim import SAM, disable_running_stats
+from zsharp.optim import SAM
+from zsharp.optim.step import loss_passes, two_pass_step
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
@@ -88,23 +89,16 @@ def build(
 def trainer_step(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]:
-    """CellTrainer.step's body (zsharp/train.py) without the GradScaler and the scheduler."""
-    sam = isinstance(optimizer, SAM)
+    """The trainer's step function (zsharp/train.py), without the GradScaler and the
+    scheduler: the library's two_pass_step over one micro-batch."""
+
+    def correct(logits: Tensor, y: Tensor) -> Tensor:
+        return (logits.argmax(dim=1) == y).sum()
 
     def step(x: Tensor, y: Tensor, two_pass: bool) -> tuple[Tensor, Tensor]:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        if two_pass:
-            assert isinstance(optimizer, SAM)
-            optimizer.first_step(zero_grad=True)
-            with disable_running_stats(model):
-                F.cross_entropy(model(x), y).backward()
-            optimizer.second_step(zero_grad=True)
-        else:
-            (optimizer.base_optimizer if sam else optimizer).step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.detach().float(), (logits.argmax(dim=1) == y).sum()
+        passes = loss_passes(model, F.cross_entropy, x, y, measure=correct)
+        result = two_pass_step(optimizer, model, passes, sharpness_aware=two_pass, keep_grads=False)
+        return result.loss.float(), result.outputs[0]
 
     return step
 

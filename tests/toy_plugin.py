@@ -1,6 +1,6 @@
-"""A plugin defined only here: a toy SAM variant, a toy model and a toy dataset.
+"""A plugin defined only here: two toy SAM variants, a toy model and a toy dataset.
 
-Importing it registers all three (``ZSHARP_PLUGINS=tests.toy_plugin`` makes the command line
+Importing it registers them all (``ZSHARP_PLUGINS=tests.toy_plugin`` makes the command line
 and the workflow import it); nothing else in the repository names them. The test of the
 registry redesign runs them through ``create``, the config validation, ``zsharp train`` and
 a ``snakemake -n``.
@@ -42,6 +42,33 @@ class HalfSAM(SAM):
         return directions
 
 
+class OrthoSAM(SAM):
+    """SAM whose descent gradient loses part of the ascent gradient's component orthogonal
+    to it, tensor by tensor: a stand-in for a variant that changes the descent (GSAM's rule
+    on each tensor instead of the whole model). It overrides the descent hook only:
+
+        d_ℓ = g'_ℓ − α · (g_ℓ − ⟨g_ℓ, g'_ℓ⟩ / (‖g'_ℓ‖² + 1e-12) · g'_ℓ)
+
+    with g = ∇L(w) (kept by ``keeps_ascent_gradient``) and g' = ∇L(w + ε).
+    """
+
+    keeps_ascent_gradient = True
+
+    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, alpha: float = 0.5,
+                 adaptive: bool = False, eta: float = 0.0, **base_kwargs: Any) -> None:  # fmt: skip
+        self.alpha = alpha
+        super().__init__(params, base_optimizer, rho, adaptive, eta, **base_kwargs)
+
+    @torch.no_grad()
+    def _descent(self, groups: Any, sharpness_aware: bool) -> None:
+        if not sharpness_aware:
+            return
+        for group in groups:
+            for d, g in zip(group.grads, group.ascent_grads, strict=True):
+                along = (g * d).sum() / ((d * d).sum() + 1e-12)
+                d.sub_(self.alpha * (g - along * d))
+
+
 def toy_mlp(num_classes: int, image_size: int, in_channels: int = 3, width: int = 8) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(), nn.Linear(in_channels * image_size**2, width), nn.ReLU(),
@@ -63,6 +90,11 @@ register_optimizer(OptimizerInfo(
     "half-sam", "tests.toy_plugin:HalfSAM",
     (*SAM_ARGS, Arg("share", "number", 0.5, "share of entries kept", minimum=0, maximum=1)),
     description="toy SAM variant",
+))  # fmt: skip
+register_optimizer(OptimizerInfo(
+    "ortho-sam", "tests.toy_plugin:OrthoSAM",
+    (*SAM_ARGS, Arg("alpha", "number", 0.5, "share of g⊥ removed", minimum=0)),
+    description="toy SAM variant with its own descent",
 ))  # fmt: skip
 register_model(ModelInfo(
     "toy-mlp", "tests.toy_plugin:toy_mlp",

@@ -119,6 +119,16 @@ class CellConfig:
             "base optimizer's step otherwise (LookSAM's SAM-k; about 1 + 1/k passes a step)",
             minimum=1)
     )  # fmt: skip
+    micro_batches: int = _setting(
+        Arg("micro_batches", "integer", 1, "k: each batch split into k micro-batches whose "
+            "gradients are accumulated (the step of the whole batch; for a model with "
+            "BatchNorm each micro-batch is normalised by its own statistics)", minimum=1)
+    )  # fmt: skip
+    max_grad_norm: float | None = _setting(
+        Arg("max_grad_norm", "number", None, "clip the descent gradient to this global "
+            "2-norm (torch.nn.utils.clip_grad_norm_'s rule); null: no clipping",
+            minimum=0, exclusive_minimum=True, nullable=True)
+    )  # fmt: skip
     train_metrics_at: str = _setting(
         Arg("train_metrics_at", "string", "w", "where a sharpness-aware step's training "
             "loss and accuracy are measured: w, or w+eps (the released code)",

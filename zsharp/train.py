@@ -25,6 +25,7 @@ ranks agree on them in one all-reduce at each synchronisation point.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -47,8 +48,9 @@ from zsharp.config import CellConfig, ConfigError, Runtime, run_group, run_name
 from zsharp.data.loader import DeviceLoader, eval_loader, train_loader
 from zsharp.distributed import World
 from zsharp.metrics import evaluate
-from zsharp.optim import SAM, create, disable_running_stats
+from zsharp.optim import SAM, create
 from zsharp.optim.registry import get_optimizer
+from zsharp.optim.step import loss_passes, two_pass_step
 from zsharp.runtime import build_cell_model, load_data, select_device, set_precision
 from zsharp.schedule import lr_lambda
 from zsharp.tracking import Tracker
@@ -82,6 +84,11 @@ class PreemptedError(Exception):
             "run the same command again to continue"
         )
         self.signum = signum
+
+
+def _correct(logits: Tensor, y: Tensor) -> Tensor:
+    """The number of correct predictions of a (micro-)batch, on the device."""
+    return (logits.argmax(dim=1) == y).sum()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -190,6 +197,7 @@ class CellTrainer:
             self.forward if not world.distributed else model  # no collective in evaluation
         )
         self.stopping = False  # every rank agreed to checkpoint and stop
+        self._loss_fn = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
         kwargs = cfg.optimizer_kwargs()
         if rt.graphs:
             from zsharp.graphs import graph_base_kwargs
@@ -415,27 +423,14 @@ class CellTrainer:
 
     # --- one step, one epoch -----------------------------------------------------------
 
-    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        with self.autocast():
-            logits = self.forward(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-        return loss, logits
-
-    def _backward(self, loss: Tensor, share: float | None) -> None:
-        """Back-propagate the loss; ``share`` = processes × this rank's images / the global
-        batch's, so that DDP's mean over ranks is the gradient of the global batch's mean."""
-        if share is not None:
-            loss = loss * share
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
     def step(self, x: Tensor, y: Tensor, share: float | None = None) -> tuple[Tensor, Tensor]:
         """One optimizer step; returns (training loss, number correct), both on the device:
         measured at w, or at w + ε for a sharpness-aware step with ``train_metrics_at``.
 
         With ``sam_interval`` k, steps 0, k, 2k, … (counted over the whole run, so a resumed
         run keeps the phase) are sharpness-aware and the others the base optimizer's.
-        On several processes ``share`` weighs this rank's loss (see :meth:`_backward`); with
-        ``ddp: m-sharpness`` the first pass is not all-reduced, so ε is this rank's own.
+        On several processes ``share`` weighs this rank's gradient (see :meth:`_step_body`);
+        with ``ddp: m-sharpness`` the first pass is not all-reduced, so ε is this rank's own.
         With ``graphs`` the step is a replay of its CUDA graph (:mod:`zsharp.graphs`)."""
         sharpness_aware = self.sam and self.scheduler.last_epoch % self.cfg.sam_interval == 0
         if self.graphed is not None:
@@ -448,31 +443,42 @@ class CellTrainer:
     def _step_body(
         self, x: Tensor, y: Tensor, sharpness_aware: bool, share: float | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The step without the scheduler's: what a CUDA graph captures."""
-        loss, logits = self._loss(x, y)
-        own_ascent = sharpness_aware and self.world.distributed and self.cfg.ddp == "m-sharpness"
-        with self.net.no_sync() if own_ascent else contextlib.nullcontext():  # type: ignore[operator]
-            self._backward(loss, share)
-        if sharpness_aware:
-            assert isinstance(self.optimizer, SAM)
-            self.optimizer.first_step(zero_grad=True, grad_scaler=self.scaler)
-            with disable_running_stats(self.model, enabled=not self.cfg.bn_both_passes):
-                perturbed, perturbed_logits = self._loss(x, y)
-                self._backward(perturbed, share)
-            self.optimizer.second_step(zero_grad=True, grad_scaler=self.scaler)
-            self._count_diagnostics(loss, perturbed)
-            if self.cfg.train_metrics_at == "w+eps":
-                loss, logits = perturbed, perturbed_logits
-        else:
-            descent = self.optimizer.base_optimizer if self.sam else self.optimizer
-            if self.scaler is not None:
-                self.scaler.step(descent)
-            else:
-                descent.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.update()
-        return loss.detach().float(), (logits.argmax(dim=1) == y).sum()
+        """The step without the scheduler's (what a CUDA graph captures):
+        :func:`zsharp.optim.step.two_pass_step` over the cell's micro-batches.
+
+        ``share`` = processes × this rank's images / the global batch's weighs this rank's
+        gradient, so that DDP's mean over ranks is the gradient of the global batch's mean
+        loss (shards differ in size by one image at most)."""
+        cfg = self.cfg
+        passes = loss_passes(
+            self.forward,
+            self._loss_fn,
+            x,
+            y,
+            cfg.micro_batches,
+            autocast=self.autocast,
+            grad_scaler=self.scaler,
+            gradient_weight=share,
+            measure=_correct,
+        )
+        result = two_pass_step(
+            self.optimizer,
+            self.net,
+            passes,
+            sharpness_aware=sharpness_aware,
+            grad_scaler=self.scaler,
+            max_grad_norm=cfg.max_grad_norm,
+            ddp=cfg.ddp,  # type: ignore[arg-type]
+            bn_both_passes=cfg.bn_both_passes,
+            keep_grads=False,
+        )
+        loss, outputs = result.loss, result.outputs
+        if result.perturbed_loss is not None:
+            self._count_diagnostics(result.loss, result.perturbed_loss)
+            if cfg.train_metrics_at == "w+eps":
+                loss, outputs = result.perturbed_loss, result.perturbed_outputs
+        correct = outputs[0] if len(outputs) == 1 else torch.stack(list(outputs)).sum()
+        return loss.float(), correct
 
     def _count_diagnostics(self, loss: Tensor, perturbed: Tensor) -> None:
         """Add this sharpness-aware step's :data:`DIAGNOSTICS` to the epoch's sums, in

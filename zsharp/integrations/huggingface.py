@@ -227,7 +227,7 @@ class SharpnessAwareTrainer(Trainer):
             # Accelerate's optimizer.step() that follows runs scaler.step on the view (it
             # sees an overflow of either pass in the gradients left behind) and update()
             update_scaler=False,
-        )
+        ).loss
 
     def _clip_grad_norm(self, model: nn.Module) -> Tensor:
         """Clipping already happened in the step: report the descent gradient's norm."""

@@ -134,7 +134,7 @@ def sharpness_aware_training_step(
         max_grad_norm=max_grad_norm,
         ddp=ddp,
         no_sync=no_sync,
-    )
+    ).loss
     lightning_optimizer._on_after_step()
     step_lr_schedulers(module, "step")
     return loss

@@ -49,7 +49,8 @@ class Arg:
 
     ``minimum``/``maximum`` bound numbers (inclusive unless ``exclusive_minimum`` /
     ``exclusive_maximum``); ``choices`` lists the accepted values of a string; ``length``
-    is the length of a ``numbers`` list (Adam's betas). Numbers must be finite.
+    is the length of a ``numbers`` list (Adam's betas); a ``nullable`` argument also takes
+    None (YAML's ``null``: "off"). Numbers must be finite.
     """
 
     name: str
@@ -63,6 +64,7 @@ class Arg:
     choices: tuple[Any, ...] | None = None
     length: int | None = None
     pattern: str | None = None
+    nullable: bool = False
 
     # --- checking -----------------------------------------------------------------------
 
@@ -90,7 +92,8 @@ class Arg:
             "any": "any value",
         }[self.kind]
         bound = self._range_text()
-        return f"{text} {bound}" if bound else text
+        text = f"{text} {bound}" if bound else text
+        return f"{text}, or null" if self.nullable else text
 
     def _fail(self, value: Any) -> ArgError:
         return ArgError(self.name, f"must be {self.describe()}, got {value!r}")
@@ -111,6 +114,8 @@ class Arg:
     def check(self, value: Any) -> Any:
         """``value`` normalised (numbers as float, lists of numbers as tuples), or raise an
         :class:`ArgError` that names the argument."""
+        if value is None and self.nullable:
+            return None
         if self.choices is not None:
             if value not in self.choices or isinstance(value, bool) != isinstance(
                 self.choices[0], bool
@@ -165,6 +170,9 @@ class Arg:
             out["type"] = self.kind
             if self.pattern is not None:
                 out["pattern"] = self.pattern
+        if self.nullable:
+            described = {"description": out.pop("description")} if "description" in out else {}
+            return {**described, "anyOf": [out, {"type": "null"}]}
         return out
 
 

@@ -5,7 +5,12 @@ One step at weights w with gradient g = ∇L(w):
 1. ``first_step``: the ascent direction d (d = g; Friendly-SAM changes it), ε from d, and
    w ← w + ε;
 2. the caller computes g' = ∇L(w + ε);
-3. ``second_step``: w is restored exactly and the base optimizer steps with g'.
+3. ``second_step``: w is restored exactly, the descent gradient is formed from g' (a
+   variant's :meth:`SAM._descent` hook; SAM itself descends along g') and the base
+   optimizer steps with it.
+
+``base_step`` is the one-pass step of the same optimizer (the off steps of ``interval=k``):
+the base optimizer steps with ∇L(w), through the same hook, clipping and GradScaler path.
 
 For every parameter tensor ℓ of a group with radius ρ, with T_ℓ = |w_ℓ| + η for
 ``adaptive=True`` (ASAM, Kwon et al. 2021, Eq. 9) and T_ℓ = 1 otherwise (SAM, Foret et al.
@@ -113,6 +118,36 @@ def clip_grad_norm_(grads: list[Tensor], max_norm: float) -> None:
     scale_(grads, torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
 
 
+def descend(
+    optimizer: Optimizer,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    max_grad_norm: float | None = None,
+    adjust: Callable[[], None] | None = None,
+) -> None:
+    """One descent step of ``optimizer`` with the gradients now in ``.grad``.
+
+    In this order: unscale them once (an active ``grad_scaler``), ``adjust`` them (a SAM
+    variant's descent hook), clip them to the global 2-norm ``max_grad_norm``
+    (:func:`clip_grad_norm_`), and step — through ``grad_scaler.step``, which skips the
+    update if a gradient it unscaled was not finite. Every step of every optimizer here
+    ends in this function, one pass or two.
+    """
+    if max_grad_norm is not None:
+        check_nonnegative("max_grad_norm", max_grad_norm)
+    scaler = _active(grad_scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # once: scaler.step below knows it happened
+    if adjust is not None:
+        adjust()
+    if max_grad_norm is not None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip_grad_norm_(grads, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
+
+
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -195,6 +230,19 @@ def sam_epsilon(
     return epsilon
 
 
+class DescentGroup:
+    """One param group's part in a descent step: its tensors with a gradient, the
+    gradients to descend along (``grads``, changed in place by a variant's hook) and, for
+    a variant that keeps it (:attr:`SAM.keeps_ascent_gradient`), the ascent gradient
+    g = ∇L(w) of the same step (``ascent_grads``; None otherwise and on one-pass steps)."""
+
+    def __init__(self, group: dict[str, Any], ascent: dict[int, Tensor] | None) -> None:
+        self.group = group
+        self.params = [p for p in group["params"] if p.grad is not None]
+        self.grads: list[Tensor] = [p.grad for p in self.params]
+        self.ascent_grads = None if ascent is None else [ascent[id(p)] for p in self.params]
+
+
 @runtime_checkable
 class AscentFilter(Protocol):
     """What a filter of the ascent direction gives SAM (``ZScoreFilter`` is the one here)."""
@@ -247,9 +295,16 @@ class SAM(Optimizer):
     the wrapper drives the base optimizer's learning rate. ``state_dict()`` holds this
     optimizer's own state, the base optimizer's state and the groups, never a copy of w.
 
-    A variant overrides ``_direction`` (the ascent direction d, as :class:`FriendlySAM`
-    does); ε from the directions is ``_epsilon``, which a ``zfilter`` takes over.
+    A variant is a subclass that overrides a hook: ``_direction`` (the ascent direction d,
+    as :class:`FriendlySAM` does), ``_epsilon`` (ε from the directions, which a ``zfilter``
+    takes over) or ``_descent`` (the descent gradient, formed in place from g' and, with
+    ``keeps_ascent_gradient``, from g).
     """
+
+    #: keep g = ∇L(w) of ``first_step`` for the ``_descent`` hook (``DescentGroup.ascent_grads``):
+    #: references to the gradient tensors ``first_step(zero_grad=True)`` drops anyway, a copy
+    #: only when the caller keeps using ``.grad``
+    keeps_ascent_gradient: bool = False
 
     def __init__(
         self,
@@ -284,6 +339,7 @@ class SAM(Optimizer):
         self._saved_weights: list[Tensor] | None = None
         self._perturbed_params: list[Tensor] = []
         self._finite: Tensor | None = None  # the first pass's gradients were finite
+        self._ascent_grads: dict[int, Tensor] | None = None  # g, for keeps_ascent_gradient
         self.record_diagnostics = bool(diagnostics)
         self._diagnostics: dict[str, Tensor] = {}
 
@@ -369,8 +425,13 @@ class SAM(Optimizer):
         self._saved_weights = torch._foreach_mul(params, 1.0)  # exact copy, -0.0 kept
         self._perturbed_params = params
         torch._foreach_add_(params, epsilon)
+        if self.keeps_ascent_gradient:  # the tensors themselves when .grad lets go of them
+            self._ascent_grads = {
+                id(p): p.grad if zero_grad else p.grad.clone()
+                for p in params  # type: ignore[union-attr]
+            }
         if zero_grad:
-            self.zero_grad()
+            self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def second_step(
@@ -381,35 +442,57 @@ class SAM(Optimizer):
     ) -> None:
         """Restore w exactly and let the base optimizer step with the gradient at w + ε.
 
-        ``max_grad_norm`` clips that gradient (unscaled) to this global 2-norm first, as
-        ``torch.nn.utils.clip_grad_norm_`` would. With a ``grad_scaler`` the step goes
-        through ``grad_scaler.step`` (which unscales this pass once and skips the update if
-        either pass overflowed); call ``grad_scaler.update()`` after.
+        The descent gradient is g' = ∇L(w + ε) as a variant's :meth:`_descent` hook leaves
+        it (SAM: g' itself); ``max_grad_norm`` then clips it (unscaled) to this global
+        2-norm, as ``torch.nn.utils.clip_grad_norm_`` would. With a ``grad_scaler`` this
+        pass is unscaled once and the step goes through ``grad_scaler.step``, which skips
+        the update if either pass overflowed; call ``grad_scaler.update()`` after.
         """
         if self._saved_weights is None:
             raise RuntimeError("second_step() called without first_step()")
-        if max_grad_norm is not None:
-            check_nonnegative("max_grad_norm", max_grad_norm)
         torch._foreach_copy_(self._perturbed_params, self._saved_weights)
         self._saved_weights, self._perturbed_params = None, []
-        scaler = _active(grad_scaler)
-        if scaler is not None:
+        if _active(grad_scaler) is not None:
             # before unscaling: the scaler's overflow check then sees the first pass too
             self._forward_first_pass_overflow()
-            if max_grad_norm is not None:
-                scaler.unscale_(self.base_optimizer)  # step() will not unscale again
-        if max_grad_norm is not None:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            clip_grad_norm_(grads, max_grad_norm)
-        if scaler is not None:
-            scaler.step(self.base_optimizer)
-        else:
-            self.base_optimizer.step()
-        self._finite = None
+        try:
+            self._descend(True, grad_scaler, max_grad_norm)
+        finally:
+            self._finite, self._ascent_grads = None, None
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def base_step(
+        self,
+        zero_grad: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        """A one-pass step: the base optimizer steps with the gradient now in ``.grad``
+        (∇L(w)), through the same :meth:`_descent` hook, clipping and scaler as
+        :meth:`second_step`. The off steps of ``interval=k`` are these."""
+        if self._saved_weights is not None:
+            raise RuntimeError("base_step() called between first_step() and second_step()")
+        self._descend(False, grad_scaler, max_grad_norm)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def _descend(
+        self,
+        sharpness_aware: bool,
+        grad_scaler: torch.amp.GradScaler | None,
+        max_grad_norm: float | None,
+    ) -> None:
+        ascent = self._ascent_grads if sharpness_aware else None
+
+        def adjust() -> None:
+            groups = [DescentGroup(g, ascent) for g in self.param_groups]
+            self._descent([g for g in groups if g.params], sharpness_aware)
+
+        descend(self.base_optimizer, grad_scaler, max_grad_norm, adjust)
         # LR schedulers attached to this wrapper check that its step ran before theirs.
         self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """A whole SAM step; ``closure`` computes the loss and calls ``backward()``.
@@ -437,6 +520,20 @@ class SAM(Optimizer):
         return loss if loss is not None else perturbed_loss
 
     # --- hooks for variants ---------------------------------------------------------------
+
+    def _descent(self, groups: list[DescentGroup], sharpness_aware: bool) -> None:
+        """The descent gradient, formed in place in each group's ``grads``.
+
+        Called after w is restored and the gradients are unscaled (a GradScaler), before
+        clipping and the base optimizer's step: by :meth:`second_step`
+        (``sharpness_aware``, ``grads`` holds g' = ∇L(w + ε) and, with
+        ``keeps_ascent_gradient``, ``ascent_grads`` holds g = ∇L(w)) and by
+        :meth:`base_step` (``grads`` holds ∇L(w)). SAM descends along g': nothing to do.
+        On an fp16 step whose gradients overflowed they are inf or NaN here and the scaler
+        skips the update; a variant that updates state of its own here keeps it with
+        ``torch.where(self._finite, new, old)`` (``_finite`` is a device bool, or None
+        without a scaler).
+        """
 
     def _direction(self, group: AscentGroup) -> list[Tensor]:
         """The ascent direction d of one group: the gradient (Friendly-SAM overrides it)."""

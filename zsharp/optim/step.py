@@ -59,6 +59,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -66,14 +67,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from zsharp.optim.bn import disable_running_stats
-from zsharp.optim.sam import SAM
+from zsharp.optim.sam import SAM, descend
 
 DDPMode = Literal["synced", "m-sharpness"]
 DDP_MODES: tuple[str, ...] = ("synced", "m-sharpness")
 
 #: One micro-batch's forward and backward (loss weighted by its share of the batch and
-#: scaled for AMP); returns the detached weighted loss.
-Pass = Callable[[], Tensor]
+#: scaled for AMP); returns the detached weighted loss, or (that loss, anything else the
+#: caller wants back from the pass, e.g. its number of correct predictions).
+Pass = Callable[[], "Tensor | tuple[Tensor, Any]"]
 NoSync = Callable[[], AbstractContextManager[Any]]
 
 
@@ -139,21 +141,43 @@ def ddp_no_sync(model: nn.Module) -> NoSync:
     return contextlib.nullcontext
 
 
-def _params(optimizer: Optimizer) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-
 def _run(
-    passes: Sequence[Pass], no_sync: NoSync, sync_last: bool, losses: list[Tensor] | None
-) -> None:
-    """Run every pass; all but the last (and the last too unless ``sync_last``) in no_sync."""
+    passes: Sequence[Pass], no_sync: NoSync, sync_last: bool
+) -> tuple[list[Tensor], list[Any]]:
+    """Run every pass; all but the last (and the last too unless ``sync_last``) in no_sync.
+    Returns their losses and what each returned beside its loss."""
+    losses, outputs = [], []
     last = len(passes) - 1
     for i, run_pass in enumerate(passes):
         context = contextlib.nullcontext() if i == last and sync_last else no_sync()
         with context:
-            loss = run_pass()
-        if losses is not None:
-            losses.append(loss.detach())
+            returned = run_pass()
+        loss, output = returned if isinstance(returned, tuple) else (returned, None)
+        losses.append(loss.detach())
+        outputs.append(output)
+    return losses, outputs
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step computed, as device tensors (reading one is a host sync).
+
+    ``loss`` is Σ_i of the micro-batches' returned (weighted) losses at w, the batch's mean
+    loss for passes built by :func:`loss_passes`; ``outputs`` what each first-pass
+    micro-batch returned beside its loss (``None`` for a pass that returns a loss only).
+    ``perturbed_loss`` and ``perturbed_outputs`` are the same at w + ε, for a
+    sharpness-aware step (None and () for a one-pass step).
+    """
+
+    loss: Tensor
+    outputs: tuple[Any, ...]
+    perturbed_loss: Tensor | None = None
+    perturbed_outputs: tuple[Any, ...] = ()
+
+    @property
+    def sharpness_aware(self) -> bool:
+        """Whether the step took two passes."""
+        return self.perturbed_loss is not None
 
 
 def two_pass_step(
@@ -167,8 +191,12 @@ def two_pass_step(
     ddp: DDPMode = "synced",
     no_sync: NoSync | None = None,
     update_scaler: bool = True,
-) -> Tensor:
-    """One optimizer step over the micro-batches ``passes``; returns the loss at w.
+    bn_both_passes: bool = False,
+    keep_grads: bool = True,
+) -> StepResult:
+    """One optimizer step over the micro-batches ``passes``: the only implementation of a
+    step in this project (``SharpnessAwareStep``, the pipeline's trainer, its CUDA graphs
+    and the Lightning and Hugging Face integrations all call it).
 
     Args:
         optimizer: any zsharp optimizer, or a plain ``torch.optim`` one (one-pass step).
@@ -176,8 +204,10 @@ def two_pass_step(
             frozen for the second pass and its gradients cleared before the first.
         passes: one callable per micro-batch; each runs forward and ``backward()`` of its
             loss, weighted by its share of the batch and scaled by the GradScaler, and
-            returns the (detached) weighted loss. A sharpness-aware step calls each twice.
-        sharpness_aware: False takes the base optimizer's one-pass step (``interval``).
+            returns the (detached) weighted loss, or a tuple (loss, anything the caller
+            wants back, e.g. the number of correct predictions). A sharpness-aware step
+            calls each twice.
+        sharpness_aware: False takes the optimizer's one-pass step (``interval``).
         grad_scaler: the AMP GradScaler the passes scaled their losses with.
         max_grad_norm: clip the descent gradient to this global 2-norm (None: no clipping).
         ddp: ``"synced"`` or ``"m-sharpness"`` (see the module docstring).
@@ -185,8 +215,13 @@ def two_pass_step(
             for a DistributedDataParallel model, else nothing).
         update_scaler: call ``grad_scaler.update()`` at the end (False when the caller's
             framework calls it, as Hugging Face's Accelerate does).
+        bn_both_passes: let BatchNorm update its running statistics in the second pass too
+            (the released ZSharp code); by default each batch counts once, at w.
+        keep_grads: leave the step's gradients in ``.grad`` until the next step clears
+            them (False: cleared at the end, freeing their memory between steps).
 
-    The gradients of the step stay in ``.grad`` until the next step clears them.
+    Returns:
+        a :class:`StepResult`: the losses (and the passes' other returns) at w and w + ε.
     """
     if not passes:
         raise ValueError("passes: a step needs at least one micro-batch")
@@ -195,34 +230,32 @@ def two_pass_step(
     scaler = _active(grad_scaler)
     model.zero_grad(set_to_none=True)
     optimizer.zero_grad(set_to_none=True)
-    losses: list[Tensor] = []
     two_pass = sharpness_aware and is_sharpness_aware(optimizer)
+    # (a) synced ascent: the last micro-batch all-reduces the accumulated gradient;
+    # (b) m-sharpness: no all-reduce, each rank keeps its own gradient for ε
+    losses, outputs = _run(passes, no_sync, sync_last=not two_pass or ddp == "synced")
+    perturbed: tuple[list[Tensor], list[Any]] | None = None
     if two_pass:
         assert isinstance(optimizer, SAM)
-        # (a) synced ascent: the last micro-batch all-reduces the accumulated gradient;
-        # (b) m-sharpness: no all-reduce, each rank keeps its own gradient for ε
-        _run(passes, no_sync, sync_last=ddp == "synced", losses=losses)
         optimizer.first_step(zero_grad=True, grad_scaler=scaler)
-        with disable_running_stats(model):
-            _run(passes, no_sync, sync_last=True, losses=None)
-        if max_grad_norm is None:
-            optimizer.second_step(grad_scaler=scaler)
-        else:
-            optimizer.second_step(grad_scaler=scaler, max_grad_norm=max_grad_norm)
+        with disable_running_stats(model, enabled=not bn_both_passes):
+            perturbed = _run(passes, no_sync, sync_last=True)
+        optimizer.second_step(grad_scaler=scaler, max_grad_norm=max_grad_norm)
+    elif isinstance(optimizer, SAM):
+        optimizer.base_step(grad_scaler=scaler, max_grad_norm=max_grad_norm)
     else:
-        base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-        _run(passes, no_sync, sync_last=True, losses=losses)
-        if max_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(base)  # once; scaler.step below knows it happened
-            torch.nn.utils.clip_grad_norm_(_params(optimizer), max_grad_norm)
-        if scaler is not None:
-            scaler.step(base)
-        else:
-            base.step()
+        descend(optimizer, scaler, max_grad_norm)
     if scaler is not None and update_scaler:
         scaler.update()
-    return torch.stack(losses).sum()
+    if not keep_grads:
+        optimizer.zero_grad(set_to_none=True)
+    if perturbed is None:
+        return StepResult(_total(losses), tuple(outputs))
+    return StepResult(_total(losses), tuple(outputs), _total(perturbed[0]), tuple(perturbed[1]))
+
+
+def _total(losses: list[Tensor]) -> Tensor:
+    return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
 
 # --- the helper a loop calls ---------------------------------------------------------------
@@ -270,12 +303,59 @@ def micro_batches_of(batch: Batch, k: int) -> list[tuple[Batch, float | None]]:
     return [(part, batch_size(part) / n) for part in split_batch(batch, k)]
 
 
-def _call(model: nn.Module, inputs: Batch) -> Any:
+def _call(model: Callable[..., Any], inputs: Batch) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+
+
+def loss_passes(
+    model: Callable[..., Any],
+    loss_fn: Callable[[Any, Any], Tensor],
+    inputs: Batch,
+    targets: Batch,
+    micro_batches: int = 1,
+    *,
+    autocast: Autocast = contextlib.nullcontext,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    gradient_weight: float | None = None,
+    measure: Callable[[Any, Any], Any] | None = None,
+) -> list[Pass]:
+    """The passes of :func:`two_pass_step` for a batch (``inputs``, ``targets``).
+
+    Micro-batch i (of ``micro_batches``, split along dimension 0) runs
+    ``loss_i = loss_fn(model(x_i), y_i) · |B_i|/|B|`` under ``autocast`` and
+    back-propagates ``loss_i · gradient_weight`` (scaled by the GradScaler), so the
+    accumulated gradient is ``gradient_weight · ∇L(B)``; ``gradient_weight`` (default 1)
+    weighs a data-parallel rank's share, ranks whose shards differ in size included. A
+    pass returns ``loss_i`` (detached), and with ``measure`` also
+    ``measure(outputs_i, y_i)`` (e.g. the number of correct predictions).
+    """
+    scaler = _active(grad_scaler)
+
+    def bind(x: Batch, y: Batch, weight: float | None) -> Pass:
+        def run() -> Tensor | tuple[Tensor, Any]:
+            with autocast():
+                outputs = _call(model, x)
+                loss = loss_fn(outputs, y)
+                if weight is not None:
+                    loss = loss * weight  # |B_i|/|B|: the accumulated gradient is ∇L(B)
+            backward = loss if gradient_weight is None else loss * gradient_weight
+            (scaler.scale(backward) if scaler is not None else backward).backward()
+            if measure is None:
+                return loss.detach()
+            return loss.detach(), measure(outputs.detach(), y)
+
+        return run
+
+    return [
+        bind(x, y, weight) for (x, y), weight in micro_batches_of((inputs, targets), micro_batches)
+    ]
 
 
 class SharpnessAwareStep:
@@ -335,7 +415,7 @@ class SharpnessAwareStep:
         if is_sharpness_aware(optimizer):
             check_whole_tensors(model, optimizer)
         if autocast is None:
-            self._autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+            self._autocast: Autocast = contextlib.nullcontext
         elif isinstance(autocast, torch.dtype):
             device_type = next(model.parameters()).device.type
             dtype = autocast
@@ -350,11 +430,16 @@ class SharpnessAwareStep:
 
     def __call__(self, inputs: Batch, targets: Batch) -> Tensor:
         """One optimizer step on the batch; returns its mean loss at w (detached)."""
-        passes = [
-            self._bind(x, y, weight)
-            for (x, y), weight in micro_batches_of((inputs, targets), self.micro_batches)
-        ]
-        loss = two_pass_step(
+        passes = loss_passes(
+            self.model,
+            self.loss_fn,
+            inputs,
+            targets,
+            self.micro_batches,
+            autocast=self._autocast,
+            grad_scaler=self.grad_scaler,
+        )
+        result = two_pass_step(
             self.optimizer,
             self.model,
             passes,
@@ -364,19 +449,7 @@ class SharpnessAwareStep:
             ddp=self.ddp,
         )
         self.steps += 1
-        return loss
-
-    def _bind(self, inputs: Batch, targets: Batch, weight: float | None) -> Pass:
-        return lambda: self._pass(inputs, targets, weight)
-
-    def _pass(self, inputs: Batch, targets: Batch, weight: float | None) -> Tensor:
-        with self._autocast():
-            loss = self.loss_fn(_call(self.model, inputs), targets)
-            if weight is not None:
-                loss = loss * weight  # |B_i|/|B|: the accumulated gradient is ∇L(B)
-        scaler = _active(self.grad_scaler)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        return loss.detach()
+        return result.loss
 
     def state_dict(self) -> dict[str, Any]:
         """The step counter (the optimizer and scaler save their own state)."""
