@@ -247,6 +247,10 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(data_root, tmp_path, monk
         (["--lr", "-1"], "lr"),
         (["--schedule", "linear"], "schedule"),
         (["--wandb-mode", "online", "--device", "cuda:7"], "device"),
+        (["--micro-batches", "0"], "micro_batches"),
+        (["--micro-batches", "65"], "micro_batches"),  # digits' batch: 64 images
+        (["--micro-batches", "30"], "micro_batches"),  # its last batch: 1437 % 64 = 29
+        (["--max-grad-norm", "0"], "max_grad_norm"),
     ],
 )
 def test_bad_input_fails_fast_naming_the_key(args, key, tmp_path, capsys) -> None:

@@ -1,7 +1,9 @@
-"""The trainer's per-epoch filter diagnostics and its CUDA-graph step (``graphs``)."""
+"""The trainer's options: per-epoch filter diagnostics, accumulation and clipping through
+the library's step, and its CUDA-graph step (``graphs``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -18,12 +20,17 @@ from torch.nn import functional as F
 from tests import reference
 from zsharp.cli import main
 from zsharp.config import Runtime, cell_config
+from zsharp.optim import create
+from zsharp.optim.step import SharpnessAwareStep
 from zsharp.train import DIAGNOSTICS, CellTrainer, StopSignals, train_cell
 
 
-def trainer(data_root: Path, out: Path, optimizer: str = "zsharp", **settings: Any) -> CellTrainer:
+def trainer(
+    data_root: Path, out: Path, optimizer: str = "zsharp", model: str = "resnet20", **settings: Any
+) -> CellTrainer:
     settings = {"epochs": 1, "batch_size": 256, **settings}
-    cfg = cell_config("digits", "resnet20", optimizer, deep=False, **settings)
+    model = "vit" if "model_args" in settings else model
+    cfg = cell_config("digits", model, optimizer, deep=False, **settings)
     return CellTrainer(cfg, Runtime(out=out, data_root=data_root, threads=1))
 
 
@@ -148,11 +155,50 @@ def test_graphs_resume_from_a_checkpoint_is_bit_identical(data_root: Path, tmp_p
         assert torch.equal(a, b)
 
 
+TINY_VIT = {"depth": 1, "hidden": 32, "heads": 2, "mlp_hidden": 32}
+
+
+def test_micro_batches_equal_the_whole_batch(data_root: Path, tmp_path: Path) -> None:
+    """A cell's ``micro_batches`` accumulates to its whole-batch step (a LayerNorm model:
+    no batch statistics), through an epoch of the trainer (SAM: ε is continuous in g, so
+    float32 rounding stays rounding)."""
+    runs = []
+    for k in (1, 3):
+        t = trainer(data_root, tmp_path / f"k{k}", "sam", model_args=TINY_VIT, micro_batches=k)
+        with StopSignals() as stop:
+            t.train_epoch(stop, None)
+        runs.append((t.finish_epoch(), [p.detach().clone() for p in t.model.parameters()]))
+    (one, w1), (three, w3) = runs
+    for a, b in zip(w1, w3, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert one["train_loss"] == pytest.approx(three["train_loss"], rel=1e-5)
+    assert one["train_acc"] == three["train_acc"]
+
+
+def test_max_grad_norm_reaches_the_step(data_root: Path, tmp_path: Path) -> None:
+    """A cell's ``max_grad_norm`` clips its descent gradient: the trainer's first step equals
+    the library's SharpnessAwareStep with the same clipping (tested against float64 in
+    tests/test_step.py), and differs from the unclipped step."""
+    t = trainer(data_root, tmp_path / "cell", model_args=TINY_VIT, max_grad_norm=0.05)
+    twin = copy.deepcopy(t.model)
+    opt = create("zsharp", twin.parameters(), **t.cfg.optimizer_kwargs())
+    x, y = next(iter(t.train_batches.batches()))
+    t.step(x, y)
+    SharpnessAwareStep(twin, opt, F.cross_entropy, max_grad_norm=0.05)(x, y)
+    for a, b in zip(t.model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    free = trainer(data_root, tmp_path / "free", model_args=TINY_VIT)
+    free.step(x, y)
+    moved = [
+        (a - b).abs().max() for a, b in zip(free.model.parameters(), twin.parameters(), strict=True)
+    ]
+    assert max(float(m) for m in moved) > 1e-4
+
+
 def test_evaluate_a_vit_cell(data_root: Path, tmp_path: Path) -> None:
     """The Hessian's power iteration differentiates attention twice: the fused attention
     kernels cannot, so it runs in the math kernel, and a ViT cell evaluates."""
-    tiny = {"depth": 1, "hidden": 32, "heads": 2, "mlp_hidden": 32}
-    cfg = cell_config("digits", "vit", "zsharp", epochs=1, batch_size=256, model_args=tiny)
+    cfg = cell_config("digits", "vit", "zsharp", epochs=1, batch_size=256, model_args=TINY_VIT)
     train_cell(cfg, Runtime(out=tmp_path, data_root=data_root, threads=1, wandb_mode="disabled"))
     args = ["evaluate", "--cell", str(tmp_path), "--data-root", str(data_root), "--wandb-mode"]
     args.append("disabled")  # no W&B service in the test process for later tests to inherit

@@ -189,6 +189,11 @@ class CellConfig:
                 f"adaptive_scope: {self.adaptive_scope!r} applies to ASAM only (asam, "
                 f"zsharp-asam, or adaptive: true), not to {self.optimizer}"
             )
+        if self.micro_batches > self.batch_size:
+            raise ConfigError(
+                f"micro_batches: {self.micro_batches} is more than the batch_size of "
+                f"{self.batch_size}; each micro-batch needs at least one image"
+            )
         if self.sam_interval != 1 and get_optimizer(self.optimizer).is_base:
             raise ConfigError(
                 f"sam_interval: applies to sharpness-aware optimizers, not to {self.optimizer}"

@@ -96,13 +96,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_world(cfg: CellConfig, processes: int, device_type: str, train_images: int) -> None:
-    """Refuse, naming the key, a cell that cannot run on ``processes`` data-parallel ranks
-    (called before any process starts, and by every rank)."""
+    """Refuse, naming the key, a cell whose batches cannot be split as it asks: over
+    ``processes`` data-parallel ranks and each rank's shard into ``micro_batches`` (called
+    before any process starts, and by every rank)."""
     last = train_images % cfg.batch_size or cfg.batch_size
-    if min(cfg.batch_size, last) < processes:
+    smallest = min(cfg.batch_size, last)
+    if smallest < processes:
         raise ConfigError(
             f"batch_size: {cfg.batch_size} leaves a batch of {last} images for "
             f"{processes} processes; every process needs at least one image of every batch"
+        )
+    if smallest // processes < cfg.micro_batches:
+        raise ConfigError(
+            f"micro_batches: {cfg.micro_batches} is more than the {smallest // processes} "
+            f"images of the smallest batch{' per process' * (processes > 1)} "
+            f"(batch_size {cfg.batch_size}, {train_images} training images)"
         )
     if cfg.sync_bn and device_type != "cuda":
         raise ConfigError("sync_bn: SyncBatchNorm runs on CUDA devices only")
@@ -174,8 +182,8 @@ class CellTrainer:
         if rt.threads:
             torch.set_num_threads(max(1, rt.threads // world.size))
         self.data = load_data(cfg, rt.data_root)
+        check_world(cfg, world.size, self.device.type, len(self.data.train_y))
         if world.distributed:
-            check_world(cfg, world.size, self.device.type, len(self.data.train_y))
             distributed.init(world, self.device.type)
         cuda = self.device.type == "cuda"
         self._seed_everything(cfg.seed)
