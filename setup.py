@@ -1,6 +1,6 @@
 """Build hook: ship the workflow inside the package (everything else is in pyproject.toml).
 
-A wheel gets ``zsharp/_pipeline/`` with the repository's Snakefile, ``workflow/`` and
+A wheel gets ``zsharp/_workflow/`` with the repository's Snakefile, ``workflow/`` and
 ``config/``, so an installed zsharp can run its own workflow (``zsharp snakefile`` prints
 the path). An editable install needs no copy: ``zsharp snakefile`` finds the repository's.
 """
@@ -20,7 +20,7 @@ class BuildWithPipeline(build_py):
         if getattr(self, "editable_mode", False):
             return
         root = Path(__file__).resolve().parent
-        target = Path(self.build_lib) / "zsharp" / "_pipeline"
+        target = Path(self.build_lib) / "zsharp" / "_workflow"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         for name in PIPELINE:

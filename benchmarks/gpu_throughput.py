@@ -14,7 +14,7 @@ as SAM, ASAM and Friendly-SAM). Measured, in priority order, until the time budg
    size, 200 classes): images/s, medians of interleaved chunks (benchmarks/common.py);
 2. one cell with the step's launch overhead removed: ``graph`` (the whole step, both
    passes and the updates, captured once in a CUDA graph and replayed by
-   ``zsharp.graphs.GraphedStep``, as a cell with ``graphs: true`` trains: fused and
+   ``zsharp.optim.graphs.GraphedStep``, as a cell with ``graphs: true`` trains: fused and
    capturable Adam, the learning rate a device tensor the LR scheduler fills; on a CPU,
    ``--tiny`` runs the same code with ``capture=False``), ``compile``
    (``torch.compile(model)``, what ``runtime.compile`` does) and ``reduce-overhead``
@@ -57,12 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, interleaved_medians, machine
 
 from zsharp.data import DeviceLoader
-from zsharp.devices import mps_pipe_dir
-from zsharp.graphs import GraphedStep, graph_base_kwargs, tensor_lr_
 from zsharp.models import build_model, num_parameters
 from zsharp.optim import create, get_optimizer
+from zsharp.optim.graphs import GraphedStep, graph_base_kwargs, tensor_lr_
 from zsharp.optim.step import loss_passes, two_pass_step
-from zsharp.runtime import set_precision
+from zsharp.pipeline.cell.runtime import set_precision
+from zsharp.pipeline.grid.devices import mps_pipe_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = "@@ "  # a worker's replies on stdout start with this (anything else is noise)
@@ -662,7 +662,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "through zsharp.data.DeviceLoader with crop and flip); Adam: one forward-backward per "
         "step, ZSharp (SAM family): two. One cell: medians of interleaved chunks. In "
         f"parentheses: a mode's gain over eager {args.mode_precision}; `graph` is "
-        "zsharp.graphs.GraphedStep (the whole step in one CUDA graph, fused capturable Adam"
+        "zsharp.optim.graphs.GraphedStep (the whole step in one CUDA graph, fused capturable Adam"
         + (", not captured on a CPU" if not results.get("cuda_device") else "")
         + ").",
         "",

@@ -22,7 +22,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommandServer]:
-    """``cli.run([ARGS], env=…, cwd=…, umask=…)``: ``python -m zsharp.cli ARGS`` as a fresh
+    """``cli.run([ARGS], env=…, cwd=…, umask=…)``: ``python -m zsharp ARGS`` as a fresh
     process forked from a server that imported torch once (see :class:`CommandServer`)."""
     server = CommandServer(tmp_path_factory.mktemp("cli"))
     yield server

@@ -25,15 +25,16 @@ import torch
 import yaml
 
 from tests.workflow_helpers import REPO, environment, snakemake, tiny_config, write_config
-from zsharp.cli import build_parser, cell_from_arguments
-from zsharp.config import SETTINGS, ConfigError, cell_config, from_dict
 from zsharp.data.registry import DATASETS
-from zsharp.grid import _Validator, cell_settings, check_schema, load_grid, schema
 from zsharp.models.registry import MODELS
 from zsharp.optim import create
 from zsharp.optim.args import ArgError
 from zsharp.optim.registry import OPTIMIZERS, get_optimizer
 from zsharp.optim.step import SharpnessAwareStep
+from zsharp.pipeline.cell.config import SETTINGS, ConfigError, cell_config, from_dict
+from zsharp.pipeline.cli import build_parser, cell_from_arguments
+from zsharp.pipeline.grid.expand import cell_settings, load_grid
+from zsharp.pipeline.grid.schema import _Validator, check_schema, schema
 
 SCHEMA = schema()
 PLUGIN_ENV = {"ZSHARP_PLUGINS": "tests.toy_plugin", "PYTHONPATH": str(REPO)}
@@ -275,7 +276,7 @@ def test_a_descent_variant_is_one_module(toy_registered) -> None:
 def test_a_plugin_trains_through_the_command_line(tmp_path: Path) -> None:
     env = environment(WANDB_MODE="disabled", **PLUGIN_ENV)
     command = [
-        sys.executable, "-m", "zsharp.cli", "train", "--dataset", "toy-blobs", "--model",
+        sys.executable, "-m", "zsharp", "train", "--dataset", "toy-blobs", "--model",
         "toy-mlp", "--optimizer", "half-sam", "--opt", "share=0.25", "--model-arg", "width=4",
         "--out", str(tmp_path / "cell"), "--data-root", str(tmp_path / "data"), "--threads", "1",
     ]  # fmt: skip
@@ -364,8 +365,8 @@ def _modules_of_requirements(*names: str) -> set[str]:
 
 def test_the_registries_read_without_torch() -> None:
     probe = (
-        "import sys\nimport zsharp.grid, zsharp.config, zsharp.optim, zsharp.models, zsharp.data\n"
-        "zsharp.grid.load_grid(__import__('yaml').safe_load(open('config/paper.yaml')))\n"
+        "import sys\nimport zsharp.pipeline.grid.expand, zsharp.optim, zsharp.models, zsharp.data\n"
+        "zsharp.pipeline.grid.expand.load_grid(__import__('yaml').safe_load(open('config/paper.yaml')))\n"
         "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -552,7 +552,7 @@ def test_register_dataset_refuses_duplicates_and_bad_specs(
 
 
 def test_defaults_are_cell_settings_and_read_only() -> None:
-    from zsharp.config import CellConfig
+    from zsharp.pipeline.cell.config import CellConfig
 
     settings = {f.name for f in dataclasses.fields(CellConfig)}
     for spec in DATASETS.values():

@@ -25,7 +25,7 @@ VIT = ["depth=1", "hidden=32", "heads=2", "mlp_hidden=32"]
 
 
 def command(out: Path, data_root: Path, *extra: str, processes: int = 2) -> list[str]:
-    args = [sys.executable, "-m", "zsharp.cli", "train", "--dataset", "digits"]
+    args = [sys.executable, "-m", "zsharp", "train", "--dataset", "digits"]
     args += ["--model", "vit", *(a for arg in VIT for a in ("--model-arg", arg))]
     args += ["--optimizer", "zsharp", "--base", "adam", "--lr", "0.003", "--epochs", "3"]
     args += ["--batch-size", "32", "--seed", "1", "--out", str(out)]

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from tests.workflow_helpers import CommandServer, snakemake, tiny_config, write_config
-from zsharp import checkpoint
 from zsharp.atomic import LOCK_NAME
+from zsharp.pipeline.cell import checkpoint
 
 # the smallest real cell: ResNet-20 on the embedded digits, one epoch of SGD
 CELL = ["--dataset", "digits", "--model", "resnet20", "--optimizer", "sgd", "--seed", "1",
@@ -36,10 +36,10 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
 
 def zsharp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "zsharp.cli", *args]
+    return [sys.executable, "-m", "zsharp", *args]
 
 
-# `python -m zsharp.cli …` commands run as processes forked from the session's command
+# `python -m zsharp …` commands run as processes forked from the session's command
 # server (conftest's `cli`): each one a fresh process with its own environment, umask and
 # exit status, without importing torch again (a few seconds each, some 30 commands here).
 SERVER: list[CommandServer] = []
@@ -250,7 +250,7 @@ def test_wandb_service_that_never_starts_costs_a_warning(data_root, tmp_path) ->
         "import sys\n"
         "import wandb.sdk.lib.service.service_process as process\n"
         f"process.get_core_path = lambda: {str(core)!r}\n"
-        "from zsharp.cli import main\n"
+        "from zsharp.pipeline.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     argv = ["train", *CELL, "--out", str(out), "--data-root", str(data_root)]
@@ -316,8 +316,8 @@ def test_only_a_deterministic_failure_is_recorded(data_root, tmp_path) -> None:
 def test_out_of_memory_is_transient(data_root, tmp_path, monkeypatch, capsys) -> None:
     """CUDA's OutOfMemoryError (a RuntimeError) is a transient fault: exit 5, one line,
     and only the last attempt writes it down, marked transient."""
-    from zsharp import train as train_module
-    from zsharp.cli import main
+    from zsharp.pipeline.cell import trainer as train_module
+    from zsharp.pipeline.cli import main
 
     def out_of_memory(self, x, y, share=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

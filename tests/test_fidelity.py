@@ -16,12 +16,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from tests.workflow_helpers import REPO
-from zsharp.config import cell_config
-from zsharp.grid import load_grid
 from zsharp.models import build_model
 from zsharp.optim import create
-from zsharp.schedule import epoch_multiplier, lr_lambda
-from zsharp.train import param_groups
+from zsharp.pipeline.cell.config import cell_config
+from zsharp.pipeline.cell.schedule import epoch_multiplier, lr_lambda
+from zsharp.pipeline.cell.trainer import param_groups
+from zsharp.pipeline.grid.expand import load_grid
 
 # advertorch NormalizeByChannelMeanStd in the released vgg.py and resnets.py
 RELEASED_MEAN = (0.4914, 0.4822, 0.4465)

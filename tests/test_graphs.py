@@ -1,4 +1,4 @@
-"""``zsharp.graphs``: the CUDA-graphed step equals the eager step; what cannot be captured
+"""``zsharp.optim.graphs``: the CUDA-graphed step equals the eager step; what cannot be captured
 is refused in one line.
 
 On a CPU the graphed step runs with ``capture=False``: the same static buffers, kinds of
@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import zsharp.optim as zo
-from zsharp.graphs import GraphedStep, check_graphable, graph_base_kwargs, tensor_lr_
 from zsharp.optim import SAM
+from zsharp.optim.graphs import GraphedStep, check_graphable, graph_base_kwargs, tensor_lr_
 from zsharp.optim.step import loss_passes, two_pass_step
 
 CUDA = torch.cuda.is_available()

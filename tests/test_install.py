@@ -46,7 +46,7 @@ def test_installed_package_runs_its_own_workflow_and_training(tmp_path: Path) ->
 
     origin = run("-c", "import zsharp; print(zsharp.__file__)").stdout.strip()
     assert Path(origin).is_relative_to(site), origin  # the installed copy, not the checkout
-    snakefile = Path(run("-m", "zsharp.cli", "snakefile").stdout.strip())
+    snakefile = Path(run("-m", "zsharp", "snakefile").stdout.strip())
     assert snakefile.is_relative_to(site) and snakefile.name == "Snakefile"
     config = write_config(elsewhere, tiny_config())
     dry = run("-m", "snakemake", "-s", str(snakefile), "-n", "--configfile", str(config))
@@ -54,7 +54,7 @@ def test_installed_package_runs_its_own_workflow_and_training(tmp_path: Path) ->
     default = run("-m", "snakemake", "-s", str(snakefile), "-n")  # the shipped quick start
     assert "quickstart" in default.stdout
     run(
-        "-m", "zsharp.cli", "train", "--dataset", "digits", "--model", "resnet20",
+        "-m", "zsharp", "train", "--dataset", "digits", "--model", "resnet20",
         "--optimizer", "zsharp", "--epochs", "1", "--out", "cell", "--threads", "1",
     )  # fmt: skip
     assert (elsewhere / "cell" / "summary.json").exists()

@@ -8,7 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from zsharp.metrics import evaluate, expected_calibration_error, hessian_top_eigenvalue
+from zsharp.pipeline.cell.metrics import (
+    evaluate,
+    expected_calibration_error,
+    hessian_top_eigenvalue,
+)
 
 
 def ece_reference(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:

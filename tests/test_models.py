@@ -432,7 +432,7 @@ def test_torch_compile_fullgraph_channels_last(name: str) -> None:
 
 @pytest.mark.parametrize("name", [*BUILTINS, "timm:resnet10t"])
 def test_builds_on_meta_device(name: str) -> None:
-    """zsharp.config validates model_args by building on the meta device (no memory)."""
+    """The cell config validates model_args by building on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(name, 10, 32)
     assert all(p.device.type == "meta" for p in model.parameters())

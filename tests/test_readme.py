@@ -51,11 +51,11 @@ def test_ci_runs_the_readme_test_command_and_then_the_slow_tests() -> None:
 
 
 def test_generated_tables_are_current() -> None:
-    """The README's registry tables and config/README.md are what `python -m zsharp.docs`
+    """The README's registry tables and config/README.md are what `python -m zsharp.pipeline.docs`
     writes from the registries and the schema (run it after changing a registry)."""
-    from zsharp.docs import config_reference, render_readme
+    from zsharp.pipeline.docs import config_reference, render_readme
 
-    assert render_readme(README) == README, "run: python -m zsharp.docs"
+    assert render_readme(README) == README, "run: python -m zsharp.pipeline.docs"
     assert "<!-- generated: optimizers -->" in README and "<!-- generated: models -->" in README
     assert (REPO / "config" / "README.md").read_text() == config_reference()
 

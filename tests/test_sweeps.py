@@ -20,17 +20,18 @@ import yaml
 from PIL import Image
 
 from tests.workflow_helpers import REPO, mtimes, snakemake, tiny_config, write_config
-from zsharp.aggregate import (
-    aggregate,
+from zsharp.pipeline.aggregate import aggregate
+from zsharp.pipeline.aggregate.plots import log_axis, plot_sensitivity
+from zsharp.pipeline.aggregate.stats import (
     holm,
-    log_axis,
     paired_comparison,
-    plot_sensitivity,
     published_std,
     sensitivity_frame,
 )
-from zsharp.cli import main
-from zsharp.grid import GridError, Reference, Sweep, load_grid
+from zsharp.pipeline.cli import main
+from zsharp.pipeline.grid.expand import Sweep, load_grid
+from zsharp.pipeline.grid.published import Reference
+from zsharp.pipeline.grid.schema import GridError
 
 MADE_UP = "MADE UP for this test: not a published number"
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.workflow_helpers import CommandServer
-from zsharp import checkpoint
-from zsharp.cli import main
-from zsharp.config import Runtime, cell_config
-from zsharp.train import DIAGNOSTICS
+from zsharp.pipeline.cell import checkpoint
+from zsharp.pipeline.cell.config import Runtime, cell_config
+from zsharp.pipeline.cell.progress import DIAGNOSTICS
+from zsharp.pipeline.cli import main
 
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
 FIELDS = {*DETERMINISTIC, "epoch_seconds", "images_per_second"}
@@ -46,7 +46,7 @@ def train_command(out: Path, data: Path, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "zsharp.cli",
+        "zsharp",
         "train",
         *args,
         "--out",
@@ -78,7 +78,7 @@ def run_command(
     cmd: list[str], environment: dict[str, str], timeout: float, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``cmd`` (a :func:`train_command`) to its end, its output captured."""
-    assert cmd[:3] == [sys.executable, "-m", "zsharp.cli"], cmd
+    assert cmd[:3] == [sys.executable, "-m", "zsharp"], cmd
     return SERVER[-1].run(cmd[3:], env=environment, cwd=cwd, timeout=timeout)
 
 
@@ -213,9 +213,9 @@ def test_nonfinite_loss_stops_with_epoch_and_step(data_root, tmp_path) -> None:
 
 def test_nonfinite_loss_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch) -> None:
     """Divergence in epoch 2: the checkpoint of epoch 1 stays as it was."""
-    from zsharp import train
+    from zsharp.pipeline.cell import train, trainer
 
-    original = train.CellTrainer.save_checkpoint
+    original = trainer.CellTrainer.save_checkpoint
 
     def save_then_diverge(self):
         original(self)
@@ -223,10 +223,10 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(data_root, tmp_path, monk
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("nan"))
 
-    monkeypatch.setattr(train.CellTrainer, "save_checkpoint", save_then_diverge)
+    monkeypatch.setattr(trainer.CellTrainer, "save_checkpoint", save_then_diverge)
     cfg = cell_config("digits", "resnet20", "sgd", epochs=3, batch_size=256)
     rt = Runtime(out=tmp_path, data_root=data_root, wandb_mode="disabled", threads=1)
-    with pytest.raises(train.NonFiniteLossError, match="epoch 2, step 1 "):
+    with pytest.raises(trainer.NonFiniteLossError, match="epoch 2, step 1 "):
         train.train_cell(cfg, rt)
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1
@@ -400,7 +400,7 @@ def test_download_command_verifies_the_checksum(tmp_path, capsys) -> None:
 
 
 def test_option_values_read_like_yaml_numbers(tmp_path) -> None:
-    from zsharp.cli import build_parser
+    from zsharp.pipeline.cli import build_parser
 
     args = build_parser().parse_args(
         [
@@ -444,7 +444,7 @@ def test_aggregate_names_cells_outside_the_workflow_layout(reference_run, tmp_pa
 @pytest.mark.parametrize("k", [1, 3])
 def test_sam_interval_makes_every_kth_step_two_pass(data_root, tmp_path, k: int) -> None:
     """Forward passes over one epoch of n steps: n + ⌈n/k⌉ (count with a hook)."""
-    from zsharp.train import CellTrainer, StopSignals
+    from zsharp.pipeline.cell.trainer import CellTrainer, StopSignals
 
     cfg = cell_config(
         "digits", "resnet20", "zsharp", epochs=1, batch_size=256, sam_interval=k, deep=False

@@ -18,11 +18,13 @@ import torch
 from torch.nn import functional as F
 
 from tests import reference
-from zsharp.cli import main
-from zsharp.config import Runtime, cell_config
 from zsharp.optim import create
 from zsharp.optim.step import SharpnessAwareStep
-from zsharp.train import DIAGNOSTICS, CellTrainer, StopSignals, train_cell
+from zsharp.pipeline.cell.config import Runtime, cell_config
+from zsharp.pipeline.cell.progress import DIAGNOSTICS
+from zsharp.pipeline.cell.train import train_cell
+from zsharp.pipeline.cell.trainer import CellTrainer, StopSignals
+from zsharp.pipeline.cli import main
 
 
 def trainer(
@@ -211,7 +213,7 @@ def test_ctrl_c_checkpoints_and_exits_3(data_root: Path, tmp_path: Path) -> None
     """SIGINT (Ctrl-C) is a request to stop like SIGTERM: a checkpoint within one step, exit 3,
     one line; the same command continues."""
     cell = tmp_path / "cell"
-    args = [sys.executable, "-m", "zsharp.cli", "train", "--dataset", "digits", "--model",
+    args = [sys.executable, "-m", "zsharp", "train", "--dataset", "digits", "--model",
             "resnet20", "--optimizer", "zsharp", "--epochs", "3", "--batch-size", "64",
             "--threads", "1", "--out", str(cell), "--data-root", str(data_root),
             "--wandb-mode", "disabled", "--progress", "lines"]  # fmt: skip

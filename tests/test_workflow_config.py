@@ -1,8 +1,8 @@
 """A catalogue of invalid workflow configs: each fails before any job, naming the key.
 
-The catalogue runs in-process through :func:`zsharp.grid.load_grid` (what the workflow's
-common.smk calls); the real ``snakemake`` proves the wiring once: an invalid config stops
-it with that one line and nothing created.
+The catalogue runs in-process through :func:`zsharp.pipeline.grid.expand.load_grid` (what
+the workflow's common.smk calls); the real ``snakemake`` proves the wiring once: an invalid
+config stops it with that one line and nothing created.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from tests.workflow_helpers import REPO, snakemake, tiny_config, write_config
-from zsharp.grid import GridError, load_grid
+from zsharp.pipeline.grid.expand import load_grid
+from zsharp.pipeline.grid.schema import GridError
 
 
 def _set(path: str, value: Any) -> dict[str, Any]:

@@ -102,8 +102,8 @@ def mtimes(root: Path, pattern: str = "**/summary.json") -> dict[str, float]:
 # A long-lived process that has imported what every `zsharp` command imports (torch, and
 # torch._dynamo, which torch loads on the first optimizer step) and then forks one child
 # per command. Each child is a fresh process for the command: its own environment, working
-# folder, umask, stdin/stdout/stderr and exit status; it runs zsharp.cli as ``__main__``
-# exactly as ``python -m zsharp.cli`` does (uncaught exceptions print a traceback and exit
+# folder, umask, stdin/stdout/stderr and exit status; it runs zsharp as ``__main__``
+# exactly as ``python -m zsharp`` does (uncaught exceptions print a traceback and exit
 # 1; atexit handlers run). Only the imports are done once, in the server, under the test
 # process's environment: a command given another HOME or MPL* variables would see matplotlib
 # configured for the test's (wandb, which reads its settings when it starts, is not imported).
@@ -111,8 +111,9 @@ _CLI_SERVER = r"""
 import json, os, runpy, sys
 
 import torch, torch._dynamo  # noqa: F401  (torch loads _dynamo on the first optimizer step)
-# not zsharp.cli itself: runpy runs it fresh as __main__
-import zsharp.aggregate, zsharp.evaluate, zsharp.train  # noqa: F401
+# not the command line itself: runpy runs it fresh as __main__
+import zsharp.pipeline.aggregate, zsharp.pipeline.cell.evaluate  # noqa: F401
+import zsharp.pipeline.cell.train  # noqa: F401
 
 requests, replies = sys.stdin, os.fdopen(os.dup(1), "w")
 for line in requests:
@@ -134,7 +135,7 @@ for line in requests:
         os.close(null)
         replies.close()
         sys.argv = [sys.argv[0], *request["argv"]]
-        runpy.run_module("zsharp.cli", run_name="__main__", alter_sys=True)
+        runpy.run_module("zsharp", run_name="__main__", alter_sys=True)
         sys.exit(0)
     replies.write(json.dumps({"pid": pid}) + "\n")
     replies.flush()
@@ -145,7 +146,7 @@ for line in requests:
 
 
 class CommandServer:
-    """``python -m zsharp.cli ARGS`` as a fresh process per command, forked from a server
+    """``python -m zsharp ARGS`` as a fresh process per command, forked from a server
     that did the imports once (about 5 s of CPU per command saved). ``run`` answers like
     :func:`subprocess.run` with ``capture_output=True, text=True``."""
 
@@ -199,7 +200,7 @@ class CommandServer:
             self._reply(60)
             raise subprocess.TimeoutExpired(args, timeout) from None
         return subprocess.CompletedProcess(
-            [sys.executable, "-m", "zsharp.cli", *args],
+            [sys.executable, "-m", "zsharp", *args],
             returncode,
             stdout.read_text(),
             stderr.read_text(),

@@ -118,9 +118,9 @@ class DirectoryLock:
     The kernel frees the lock however the holder dies (SIGKILL, OOM killer), so a crashed
     run never blocks the next one; a second process fails at once with :class:`BusyError`
     naming the holder, whose pid, host and start time the lock file records. Re-entrant
-    within one process (the command line and :func:`zsharp.train.train_cell` both claim a
-    cell). The holder removes the file when it lets go; a process that opened the old file
-    just before notices (the path no longer names the inode it locked) and locks anew.
+    within one process (the command line and the trainer both claim a cell). The holder
+    removes the file when it lets go; a process that opened the old file just before
+    notices (the path no longer names the inode it locked) and locks anew.
     ``flock`` works across NFS clients on Linux (emulated with POSIX locks).
     """
 

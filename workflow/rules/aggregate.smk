@@ -3,7 +3,7 @@
 # cell whose last attempt hit a transient fault shows as MISSING (the next run retrains it).
 # The aggregate reads the grid's sweeps, comparison and published results from --grid: the
 # parts of the config that say them (so a runtime or W&B setting reruns nothing).
-from zsharp.grid import SENSITIVITY_PLOT, aggregate_document, sensitivity_plots
+from zsharp.pipeline.grid.expand import SENSITIVITY_PLOT, aggregate_document, sensitivity_plots
 
 
 SENSITIVITY = [
@@ -14,8 +14,8 @@ SENSITIVITY = [
 
 rule aggregate:
     input:
-        summaries=[f"{cell}/summary.json" for cell in ALL_CELLS],
-        evaluations=[f"{cell}/eval.json" for cell in ALL_CELLS],
+        summaries=[f"{cell}/{folder.SUMMARY}" for cell in ALL_CELLS],
+        evaluations=[f"{cell}/{folder.EVALUATION}" for cell in ALL_CELLS],
     output:
         table=report(
             f"{EXP}/results.csv",

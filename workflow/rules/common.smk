@@ -1,6 +1,6 @@
 # The config, its validation, and the grid of cells. Everything a rule needs to know about a
-# cell comes from zsharp.grid; the rules only name files and call the `zsharp` command line.
-import json
+# cell comes from zsharp.pipeline.grid.expand and its files' names from
+# zsharp.pipeline.cell.folder; the rules only name files and call the `zsharp` command line.
 import os
 import re
 import shlex
@@ -10,8 +10,10 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from zsharp.config import EVALUATE
-from zsharp.grid import GridError, grid_comparison, load_grid
+from zsharp.pipeline.cell import folder
+from zsharp.pipeline.cell.config import EVALUATE
+from zsharp.pipeline.grid.expand import grid_comparison, load_grid
+from zsharp.pipeline.grid.schema import GridError
 
 
 # `configfile:` would merge a --configfile into the default one (grids would add up), so
@@ -63,19 +65,6 @@ def cell_dir(wildcards):
     return f"{EXP}/cells/{cell_of(wildcards).key}"
 
 
-def _failures(cell):
-    """The failures a cell has recorded (failures.jsonl; unreadable lines are skipped)."""
-    path = Path(cell) / "failures.jsonl"
-    entries = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-    return [e for e in entries if isinstance(e, dict)]
-
-
 def failures_so_far(wildcards):
     """How many of the cell's recorded failures call for training it again: a new one
     changes this parameter, so the next run retries the cell (it stays put once the cell
@@ -83,7 +72,7 @@ def failures_so_far(wildcards):
     recur (a divergence) only with retry_failed."""
     return sum(
         1
-        for entry in _failures(cell_dir(wildcards))
+        for entry in folder.read_failures(Path(cell_dir(wildcards)))
         if entry.get("transient") or C["retry_failed"]
     )
 
@@ -144,7 +133,7 @@ def download_source(wildcards):
 
 
 def evaluate_options():
-    """The config's `evaluate` section as `zsharp evaluate` flags (zsharp.config.EVALUATE)."""
+    """The config's `evaluate` section as `zsharp evaluate` flags (zsharp.pipeline.cell.config.EVALUATE)."""
     flags = []
     for arg in EVALUATE:
         flags += [f"--{arg.name.replace('_', '-')}", str(C["evaluate"][arg.name])]
@@ -165,10 +154,10 @@ def report_failures():
     failed, missing = [], []
     for cell in ALL_CELLS:
         try:
-            summary = json.loads((Path(cell) / "summary.json").read_text())
-        except (OSError, ValueError):
+            summary = folder.read_summary(Path(cell))
+        except folder.RecordError:
             continue
-        if isinstance(summary, dict) and summary.get("status") == "failed":
+        if summary.get("status") == "failed":
             (missing if summary.get("transient") else failed).append(cell)
     if failed:
         print(

@@ -4,10 +4,10 @@
 
 rule evaluate:
     input:
-        summary=f"{EXP}/cells/{CELL}/summary.json",
+        summary=f"{EXP}/cells/{CELL}/{folder.SUMMARY}",
         data=ancient(f"{DATA}/{{dataset}}/READY"),
     output:
-        f"{EXP}/cells/{CELL}/eval.json",
+        f"{EXP}/cells/{CELL}/{folder.EVALUATION}",
     log:
         f"{LOGS}/evaluate/{CELL}.log",
     benchmark:

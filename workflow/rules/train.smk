@@ -13,8 +13,8 @@ rule train:
     input:
         data=ancient(f"{DATA}/{{dataset}}/READY"),
     output:
-        summary=f"{EXP}/cells/{CELL}/summary.json",
-        metrics=f"{EXP}/cells/{CELL}/metrics.jsonl",
+        summary=f"{EXP}/cells/{CELL}/{folder.SUMMARY}",
+        metrics=f"{EXP}/cells/{CELL}/{folder.METRICS}",
     log:
         f"{LOGS}/train/{CELL}.log",
     benchmark:

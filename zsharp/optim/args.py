@@ -10,6 +10,7 @@ whole grid with these without importing PyTorch.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ def as_number(value: Any) -> Any:
     return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A real number (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class Arg:
 
     def _check_number(self, value: Any, integer: bool) -> Any:
         value = value if integer else as_number(value)
-        if not _is_number(value) or (integer and not isinstance(value, int)):
+        if not is_number(value) or (integer and not isinstance(value, int)):
             raise self._fail(value)
         if not math.isfinite(value):
             raise self._fail(value)
@@ -142,7 +144,7 @@ class Arg:
             ):
                 raise self._fail(value)
             items = [as_number(v) for v in value]
-            if not all(_is_number(v) and math.isfinite(v) for v in items):
+            if not all(is_number(v) and math.isfinite(v) for v in items):
                 raise self._fail(value)
             return tuple(float(v) for v in items)
         return value

@@ -9,7 +9,6 @@ cells are measured on the same points.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,12 +18,17 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from zsharp import __version__, atomic, checkpoint
-from zsharp.config import EVALUATE, ConfigError, from_dict, run_group, run_name
+from zsharp import __version__
 from zsharp.data.loader import DeviceLoader, eval_loader
-from zsharp.metrics import evaluate, expected_calibration_error, hessian_top_eigenvalue
-from zsharp.runtime import build_cell_model, load_data, select_device
-from zsharp.tracking import Tracker
+from zsharp.pipeline.cell import checkpoint, folder
+from zsharp.pipeline.cell.config import EVALUATE, ConfigError, from_dict, run_group, run_name
+from zsharp.pipeline.cell.metrics import (
+    evaluate,
+    expected_calibration_error,
+    hessian_top_eigenvalue,
+)
+from zsharp.pipeline.cell.runtime import build_cell_model, load_data, select_device
+from zsharp.pipeline.cell.tracking import Tracker
 
 _DEFAULT = {arg.name: arg.default for arg in EVALUATE}
 
@@ -32,7 +36,7 @@ _DEFAULT = {arg.name: arg.default for arg in EVALUATE}
 @dataclass
 class EvalOptions:
     """How to evaluate (none of it is part of the cell's configuration); the defaults are
-    :data:`zsharp.config.EVALUATE`'s."""
+    :data:`zsharp.pipeline.cell.config.EVALUATE`'s."""
 
     data_root: Path = Path("data")
     device: str = "auto"
@@ -48,33 +52,26 @@ class EvalOptions:
     wandb_name: str | None = None
 
 
-def read_summary(cell: Path) -> dict[str, Any]:
-    """The cell's summary.json, or a clear error if the cell did not finish."""
-    path = cell / "summary.json"
-    if not path.exists():
-        raise ConfigError(
-            f"{path}: not found; train the cell first (zsharp train ... --out {cell})"
-        )
-    return json.loads(path.read_text())
-
-
 def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     """Evaluate the cell in ``cell`` and write ``cell/eval.json``."""
     started = time.perf_counter()
-    summary = read_summary(cell)
+    try:
+        summary = folder.read_summary(cell)
+    except folder.RecordError as error:
+        raise ConfigError(str(error)) from None
     if summary.get("status") == "failed":  # nothing to evaluate; the table shows FAILED
         result = {"status": "skipped", "reason": f"training failed: {summary.get('error')}"}
-        atomic.write_json(cell / "eval.json", result)
+        folder.write_evaluation(cell, result)
         return result
     cfg = from_dict(summary["config"])
     device = select_device(options.device)
     data = load_data(cfg, options.data_root)
     model = build_cell_model(cfg, data)
     try:
-        model.load_state_dict(checkpoint.load(cell / "model.pt"))
+        model.load_state_dict(checkpoint.load(cell / folder.WEIGHTS))
     except RuntimeError as error:  # the weights of another model
         raise ConfigError(
-            f"{cell / 'model.pt'}: does not fit the cell's model "
+            f"{cell / folder.WEIGHTS}: does not fit the cell's model "
             f"({str(error).splitlines()[0]}); train the cell again"
         ) from None
     model.to(device).eval()
@@ -130,5 +127,5 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
     )
     tracker.summary(result)
     tracker.finish()
-    atomic.write_json(cell / "eval.json", result)
+    folder.write_evaluation(cell, result)
     return result

@@ -36,7 +36,11 @@ from typing import Any
 import yaml
 
 from zsharp import __version__
-from zsharp.config import (
+from zsharp.data.registry import DATASETS
+from zsharp.models.registry import MODELS
+from zsharp.optim.args import Arg, as_number
+from zsharp.optim.registry import OPTIMIZERS
+from zsharp.pipeline.cell.config import (
     CELL_KEYS,
     EVALUATE,
     SETTINGS,
@@ -45,11 +49,7 @@ from zsharp.config import (
     Runtime,
     from_dict,
 )
-from zsharp.data.registry import DATASETS
-from zsharp.models.registry import MODELS
-from zsharp.optim.args import Arg, as_number
-from zsharp.optim.registry import OPTIMIZERS
-from zsharp.plugins import PluginError, load_plugins
+from zsharp.pipeline.plugins import PluginError, load_plugins
 
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 5  # a full disk, an I/O error, out of memory: run the command again
@@ -352,11 +352,12 @@ def cell_from_arguments(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from zsharp.cell import CellError, claim, clear_results
     from zsharp.data import DatasetError
-    from zsharp.distributed import World, launch, launched_rank, timeout_seconds
-    from zsharp.tracking import resolve_mode, resolve_timeout
-    from zsharp.train import NonFiniteLossError, PreemptedError, record_failure, train_cell
+    from zsharp.pipeline.cell.distributed import World, launch, launched_rank, timeout_seconds
+    from zsharp.pipeline.cell.folder import SUMMARY, CellError, claim
+    from zsharp.pipeline.cell.tracking import resolve_mode, resolve_timeout
+    from zsharp.pipeline.cell.train import record_failure, train_cell
+    from zsharp.pipeline.cell.trainer import NonFiniteLossError, PreemptedError
 
     document = cell_document(args)
     # the registries' rules: bad input fails here, before any folder is touched
@@ -395,8 +396,6 @@ def _train(args: argparse.Namespace) -> int:
         return launch(args.processes, sys.argv[1:] if args.argv is None else args.argv)
     owned = claim(args.out) if world.main else contextlib.nullcontext()
     with owned:  # one process per cell; refuses /, ~, a folder that is no cell
-        if world.main:
-            clear_results(args.out)  # a summary.json always belongs to the metrics beside it
         try:
             # what only building tells (a timm name, a model option): a property of the
             # configuration, recorded like a divergence
@@ -412,7 +411,7 @@ def _train(args: argparse.Namespace) -> int:
             record_failure(cfg, rt, error, transient=not recurs)
             what = "a failure" if recurs else "a transient fault (the workflow retries it)"
             print(
-                f"zsharp train: recorded {what} in {args.out / 'summary.json'}: "
+                f"zsharp train: recorded {what} in {args.out / SUMMARY}: "
                 + " ".join(str(error).split()),
                 file=sys.stderr,
             )
@@ -438,30 +437,23 @@ def _download(args: argparse.Namespace) -> int:
 def check_summary(cell: Path) -> dict[str, Any]:
     """A cell's summary.json, or a :class:`ConfigError` naming it: absent, unreadable, not
     JSON, or recording no valid configuration."""
-    path = cell / "summary.json"
-    if not path.exists():
-        raise ConfigError(
-            f"{path}: not found; train the cell first (zsharp train ... --out {cell})"
-        )
+    from zsharp.pipeline.cell.folder import SUMMARY, RecordError, read_summary
+
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(
-            f"{path}: not a readable summary ({error}); train the cell again"
-        ) from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
-        raise ConfigError(f"{path}: records no configuration; train the cell again")
+        summary = read_summary(cell)
+    except RecordError as error:
+        raise ConfigError(f"{error}; train the cell (again)") from None
     if summary.get("status") == "ok":
         try:
             from_dict(summary["config"])
         except ConfigError as error:
-            raise ConfigError(f"{path}: config.{error}") from None
+            raise ConfigError(f"{cell / SUMMARY}: config.{error}") from None
     return summary
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from zsharp.cell import claim
-    from zsharp.evaluate import EvalOptions, evaluate_cell
+    from zsharp.pipeline.cell.evaluate import EvalOptions, evaluate_cell
+    from zsharp.pipeline.cell.folder import claim
 
     check_summary(args.cell)
     with claim(args.cell, "zsharp evaluate", check=False):  # not while a retrain runs
@@ -518,9 +510,10 @@ def _log_plots(tracker: Any, paths: Sequence[Path]) -> None:
 
 
 def _aggregate(args: argparse.Namespace) -> int:
-    from zsharp.aggregate import aggregate
-    from zsharp.grid import GridError, load_grid
-    from zsharp.tracking import Tracker
+    from zsharp.pipeline.aggregate import aggregate
+    from zsharp.pipeline.cell.tracking import Tracker
+    from zsharp.pipeline.grid.expand import load_grid
+    from zsharp.pipeline.grid.schema import GridError
 
     missing = [str(c) for c in args.cells if not c.is_dir()]
     if missing:
@@ -559,7 +552,7 @@ def _aggregate(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from zsharp.grid import schema
+    from zsharp.pipeline.grid.schema import schema
 
     print(json.dumps(schema(), indent=2))
     return 0
@@ -567,8 +560,8 @@ def _schema(args: argparse.Namespace) -> int:
 
 def snakefile() -> Path:
     """The workflow's Snakefile: the copy an installation carries, else the repository's."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "_pipeline" / "Snakefile", package.parent / "Snakefile"):
+    package = Path(__file__).resolve().parents[1]  # the zsharp package
+    for candidate in (package / "_workflow" / "Snakefile", package.parent / "Snakefile"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("no Snakefile beside this installation of zsharp")
@@ -601,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     One of several processes of a cell (under ``zsharp train --processes``) leaves its
     status for the launcher, which passes rank 0's on (torchrun does not).
     """
-    from zsharp.distributed import World, announce, shutdown, write_status
+    from zsharp.pipeline.cell.distributed import World, announce, shutdown, write_status
 
     world = World.from_environ()
     announce(world)
@@ -619,8 +612,8 @@ def _check_world(cfg: Any, rt: Runtime, processes: int) -> None:
     """What would stop a data-parallel cell, refused before its processes start."""
     import torch
 
-    from zsharp.runtime import load_data, select_device
-    from zsharp.train import check_world
+    from zsharp.pipeline.cell.runtime import load_data, select_device
+    from zsharp.pipeline.cell.trainer import check_world
 
     device = select_device(rt.device)
     if device.type == "cuda" and torch.cuda.device_count() < processes:
@@ -634,10 +627,15 @@ def _check_world(cfg: Any, rt: Runtime, processes: int) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     from zsharp.atomic import BusyError
-    from zsharp.cell import CellError
-    from zsharp.checkpoint import CorruptCheckpointError
     from zsharp.data import DatasetError
-    from zsharp.train import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLossError, PreemptedError
+    from zsharp.pipeline.cell.checkpoint import CorruptCheckpointError
+    from zsharp.pipeline.cell.folder import CellError
+    from zsharp.pipeline.cell.trainer import (
+        EXIT_INTERRUPTED,
+        EXIT_NONFINITE,
+        NonFiniteLossError,
+        PreemptedError,
+    )
 
     try:
         load_plugins()
@@ -677,7 +675,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def _say(message: str) -> None:
     """A command's one-line outcome on stderr; of a data-parallel cell's ranks, rank 0's only
     (they all reach the same outcome)."""
-    from zsharp.distributed import World
+    from zsharp.pipeline.cell.distributed import World
 
     if World.from_environ().main:
         print(message, file=sys.stderr)

@@ -7,7 +7,7 @@ every rank builds the same model from the same seed, takes its shard of every gl
 gradients. Rank 0 alone writes the cell (checkpoints, metrics, summary, W&B).
 
 ``zsharp train --processes N`` is a thin front: :func:`launch` runs
-``python -m torch.distributed.run --standalone --nproc-per-node N -m zsharp.cli train …``
+``python -m torch.distributed.run --standalone --nproc-per-node N -m zsharp train …``
 as a child, waits for every rank to exit, and returns rank 0's exit status
 (0, 3 = checkpointed on a signal, 4 = non-finite loss, …), which torchrun itself does not
 pass on (it exits 1 whenever a worker exits non-zero). SIGTERM, SIGINT and SIGUSR1 are
@@ -79,7 +79,7 @@ def timeout_seconds() -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        from zsharp.config import ConfigError
+        from zsharp.pipeline.cell.config import ConfigError
 
         raise ConfigError(f"{TIMEOUT_ENV}: must be a number of seconds > 0, got {text!r}")
     return value
@@ -194,7 +194,7 @@ def torchrun_command(processes: int, argv: Sequence[str]) -> list[str]:
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
         "-m",
-        "zsharp.cli",
+        "zsharp",
         *argv,
     ]
 

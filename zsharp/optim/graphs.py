@@ -255,31 +255,31 @@ def _check_optimizer(optimizer: Optimizer, device: torch.device, capture: bool) 
         if not isinstance(lr, Tensor):
             raise ValueError(
                 f"graphs: param group {index}'s lr is a Python number, which a captured step "
-                "would keep forever; call zsharp.graphs.tensor_lr_(optimizer) after building "
+                "would keep forever; call zsharp.optim.graphs.tensor_lr_(optimizer) after building "
                 "the LR scheduler"
             )
         if lr.dtype != LR_DTYPE or lr.device != device or lr.dim() != 0:
             raise ValueError(
                 f"graphs: param group {index}'s lr must be a 0-d float32 tensor on {device}, "
                 f"got {lr.dtype} of shape {tuple(lr.shape)} on {lr.device} "
-                "(zsharp.graphs.tensor_lr_ makes one)"
+                "(zsharp.optim.graphs.tensor_lr_ makes one)"
             )
         if isinstance(optimizer, torch.optim.SGD) and not group.get("fused"):
             raise ValueError(
                 f"graphs: {kind} needs fused=True: its foreach and for-loop steps read a "
-                "tensor lr with .item() (a host sync); zsharp.graphs.graph_base_kwargs"
+                "tensor lr with .item() (a host sync); zsharp.optim.graphs.graph_base_kwargs"
             )
         if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
             if capture and not group.get("capturable"):
                 raise ValueError(
                     f"graphs: {kind} needs capturable=True to be captured (its step count "
-                    "stays on the host otherwise); zsharp.graphs.graph_base_kwargs"
+                    "stays on the host otherwise); zsharp.optim.graphs.graph_base_kwargs"
                 )
             if not (group.get("capturable") or group.get("fused")):
                 raise ValueError(
                     f"graphs: {kind} needs fused=True (or capturable=True on CUDA): it "
                     "reads its step count with .item() otherwise; "
-                    "zsharp.graphs.graph_base_kwargs"
+                    "zsharp.optim.graphs.graph_base_kwargs"
                 )
 
 

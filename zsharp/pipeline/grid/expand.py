@@ -8,12 +8,12 @@ in this order, later winning (mappings such as ``opt_args`` are merged key by ke
     ``datasets.<d>`` → ``models.<m>`` → ``optimizers.<label>`` →
     each ``overrides`` entry whose ``when`` matches, in order.
 
-:func:`load_grid` checks the config against the schema (:func:`schema`: a skeleton shipped
-with the package, its names and settings filled from the registries) and then every cell's
-:class:`~zsharp.config.CellConfig` by the registries' rules (no PyTorch, so a dry run of a
-large grid stays fast); the first problem is raised as a :class:`GridError` whose one-line
-message starts with the offending key, before any job starts. Each job then builds its own
-cell's optimizer and model before it trains.
+:func:`load_grid` checks the config against the schema
+(:mod:`zsharp.pipeline.grid.schema`) and then every cell's
+:class:`~zsharp.pipeline.cell.config.CellConfig` by the registries' rules (no PyTorch, so
+a dry run of a large grid stays fast); the first problem is raised as a ``GridError``
+whose one-line message starts with the offending key, before any job starts. Each job
+then builds its own cell's optimizer and model before it trains.
 """
 
 from __future__ import annotations
@@ -22,37 +22,27 @@ import copy
 import functools
 import itertools
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
-
-from zsharp.config import (
-    EVALUATE,
-    MAX_SEED,
+from zsharp.data.registry import get_spec
+from zsharp.models.registry import TIMM_PREFIX, is_timm
+from zsharp.optim.args import as_number
+from zsharp.optim.registry import OPTIMIZERS
+from zsharp.pipeline.cell.config import (
     SETTINGS,
     CellConfig,
     ConfigError,
     cell_config,
 )
-from zsharp.data.registry import DATASETS, get_spec
-from zsharp.models.registry import MODELS, TIMM_PREFIX, is_timm
-from zsharp.optim.args import Arg, as_number
-from zsharp.optim.registry import OPTIMIZERS
-from zsharp.plugins import load_plugins
+from zsharp.pipeline.grid.published import Reference, check_published
+from zsharp.pipeline.grid.schema import GridError, check_schema
 
 MAPPING_SETTINGS = ("opt_args", "model_args")
-SKELETON = Path(__file__).resolve().parent / "config.schema.yaml"
 # the grid's comparison when the config names none: every ZSharp entry against SAM
 DEFAULT_BASELINE = "sam"
 CANDIDATE_PREFIX = "zsharp"
-
-
-class GridError(ValueError):
-    """An invalid workflow config; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -84,24 +74,6 @@ class Sweep:
     values: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Reference:
-    """A published result of one cell of the grid (``published:``), as its source gives it:
-    accuracy in percent, and its spread as a std or a 95 % confidence interval's half-width
-    over ``runs`` runs (both in percent, None if the source gives none)."""
-
-    index: int  # its place in ``published``
-    dataset: str
-    model: str
-    label: str  # the optimizers entry it names
-    accuracy: float
-    std: float | None
-    ci95: float | None
-    runs: int | None
-    source: str
-    note: str = ""
-
-
 @dataclass
 class Grid:
     """A validated workflow config and its cells."""
@@ -120,125 +92,6 @@ class Grid:
 
     def __post_init__(self) -> None:
         self._index = {(c.dataset, c.model, c.label, c.seed): c for c in self.cells}
-
-
-# --- the schema ----------------------------------------------------------------------------
-
-
-def _union(args: list[Arg]) -> dict[str, Any]:
-    """One schema property per argument name (the first registration's rule; defaults are
-    per optimizer and left out)."""
-    out: dict[str, Any] = {}
-    for arg in args:
-        if arg.name not in out:
-            fragment = arg.schema()
-            out[arg.name] = fragment
-    return out
-
-
-def schema() -> dict[str, Any]:
-    """The workflow config's JSON Schema: the skeleton, filled from the registries."""
-    load_plugins()
-    doc = yaml.safe_load(SKELETON.read_text())
-    props, defs = doc["properties"], doc["$defs"]
-    props["seeds"]["items"]["maximum"] = MAX_SEED
-    props["datasets"]["propertyNames"] = {"enum": list(DATASETS)}
-    props["models"]["propertyNames"] = {
-        "anyOf": [{"enum": list(MODELS)}, {"pattern": f"^{TIMM_PREFIX}[A-Za-z0-9_.-]+$"}]
-    }
-    props["evaluate"]["properties"] = {
-        a.name: {**a.schema(), "default": a.default} for a in EVALUATE
-    }
-    defs["optimizer_entry"]["oneOf"][1]["properties"]["optimizer"] = {"enum": list(OPTIMIZERS)}
-    settings = {a.name: a.schema() for a in SETTINGS}
-    settings["opt_args"] = {"$ref": "#/$defs/opt_args"}
-    settings["model_args"] = {"type": "object", "description": "the model's options"}
-    defs["settings_keys"]["properties"] = settings
-    sam_family = [a for info in OPTIMIZERS.values() if not info.is_base for a in info.args]
-    base = [a for info in OPTIMIZERS.values() if info.is_base for a in info.args]
-    top_level = {"lr", "weight_decay", "momentum"}
-    defs["opt_args"]["properties"] = _union(
-        sam_family + [a for a in base if a.name not in top_level]
-    )
-    return doc
-
-
-def _coerced(keyword: str) -> Any:
-    """A bound keyword (minimum, …) that reads numbers written as text (``1e-3``)."""
-    check = jsonschema.Draft202012Validator.VALIDATORS[keyword]
-    return lambda validator, bound, instance, sch: check(validator, bound, as_number(instance), sch)
-
-
-def _is_number(checker: Any, value: Any) -> bool:
-    """YAML 1.1 reads `lr: 1e-3` as text: such text is a number wherever one is expected."""
-    base = jsonschema.Draft202012Validator.TYPE_CHECKER
-    return base.is_type(value, "number") or (isinstance(value, str) and as_number(value) != value)
-
-
-def _is_integer(checker: Any, value: Any) -> bool:
-    """An integer is an int, as for zsharp.optim.args.Arg (JSON Schema would take 1.0)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
-        {"number": _is_number, "integer": _is_integer}
-    ),
-    validators={
-        k: _coerced(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-    },
-)
-
-
-def _where(path: Any) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
-
-
-def _describe(error: jsonschema.ValidationError) -> str:
-    """One line that starts with the dotted path of the offending key."""
-    path = [str(p) for p in error.absolute_path]
-    names = re.findall(r"'([^']+)'", error.message)
-    if error.validator == "required" and names:
-        return f"{'.'.join([*path, names[0]])}: required but missing"
-    if error.validator in ("additionalProperties", "unevaluatedProperties") and names:
-        return f"{'.'.join([*path, names[0]])}: unknown key"
-    if "propertyNames" in error.relative_schema_path:
-        return f"{_where(path)}: {error.instance!r} is not a valid name ({error.message})"
-    return f"{_where(path)}: {error.message}"
-
-
-def check_schema(config: Any, doc: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Validate ``config``; return a copy with the schema's defaults filled in."""
-    if not isinstance(config, dict):
-        raise GridError(f"(top level): the config must be a mapping, got {config!r}")
-    doc = doc if doc is not None else schema()
-    validator = _Validator(doc)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
-    # "null or settings" alternatives: report what is wrong with the settings, not that
-    # the value is not null
-    while error is not None and error.validator in ("oneOf", "anyOf") and error.context:
-        real = [
-            e for e in error.context if not (e.validator == "type" and e.validator_value == "null")
-        ]
-        if not real or "propertyNames" in error.relative_schema_path:
-            break
-        error = jsonschema.exceptions.best_match(real)
-    if error is not None:
-        raise GridError(_describe(error))
-    return _with_defaults(copy.deepcopy(config), doc)
-
-
-def _with_defaults(config: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
-    """Fill the defaults the schema declares for top-level sections and their keys."""
-    for key, spec in doc.get("properties", {}).items():
-        if key not in config and "default" in spec:
-            config[key] = copy.deepcopy(spec["default"])
-        if isinstance(config.get(key), dict) and "properties" in spec:
-            for sub, sub_spec in spec["properties"].items():
-                if sub not in config[key] and "default" in sub_spec:
-                    config[key][sub] = copy.deepcopy(sub_spec["default"])
-    return config
 
 
 # --- the cells -----------------------------------------------------------------------------
@@ -390,7 +243,7 @@ def load_grid(config: Any, cells: bool = True) -> Grid:
     config = check_schema(config)
     config["optimizers"], sweeps = expand_sweeps(config["optimizers"])
     _check_references(config, sweeps)
-    published = _check_published(config)
+    published = check_published(config)
     if not cells:
         return Grid(config, [], sweeps, published)
     _check_places(config)
@@ -478,72 +331,6 @@ def _check_references(config: dict[str, Any], sweeps: dict[str, Sweep]) -> None:
                     f"overrides.{i}.when.{key}: {value!r} is not one of the grid's "
                     f"{sections[key]} {list(config[sections[key]])}"
                 )
-
-
-def _published_label(name: str, entries: dict[str, str], where: str) -> str:
-    """The entry a published result names: a label, or the method of exactly one entry."""
-    if name in entries:
-        return name
-    users = [label for label, method in entries.items() if method == name]
-    if len(users) == 1:
-        return users[0]
-    if users:
-        raise GridError(
-            f"{where}: {name!r} is the method of several entries ({', '.join(users)}); "
-            "name one entry's label"
-        )
-    raise GridError(
-        f"{where}: {name!r} is neither an optimizers entry nor the method of one "
-        f"({', '.join(entries)})"
-    )
-
-
-def _check_published(config: dict[str, Any]) -> list[Reference]:
-    """The ``published`` references, each pointing at a cell of the grid, with one value
-    (accuracy or error) and at most one spread (std, or ci95 with runs)."""
-    entries = {
-        label: str((entry or {}).get("optimizer", label))
-        for label, entry in config["optimizers"].items()
-    }
-    references = []
-    for i, item in enumerate(config.get("published") or []):
-        where = f"published.{i}"
-        for key, section in (("dataset", "datasets"), ("model", "models")):
-            if item[key] not in config[section]:
-                raise GridError(
-                    f"{where}.{key}: {item[key]!r} is not one of the grid's {section} "
-                    f"{list(config[section])}"
-                )
-        label = _published_label(item["optimizer"], entries, f"{where}.optimizer")
-        if ("accuracy" in item) == ("error" in item):
-            raise GridError(
-                f"{where}.accuracy: give the accuracy or the error (in percent), exactly one"
-            )
-        if "std" in item and "ci95" in item:
-            raise GridError(f"{where}.ci95: give std or ci95, not both")
-        if "ci95" in item and "runs" not in item:
-            raise GridError(f"{where}.runs: required with ci95 (the runs the interval is over)")
-        accuracy = (
-            float(as_number(item["accuracy"]))
-            if "accuracy" in item
-            else 100.0 - float(as_number(item["error"]))
-        )
-        spread = {k: float(as_number(item[k])) if k in item else None for k in ("std", "ci95")}
-        references.append(
-            Reference(
-                index=i,
-                dataset=item["dataset"],
-                model=item["model"],
-                label=label,
-                accuracy=accuracy,
-                std=spread["std"],
-                ci95=spread["ci95"],
-                runs=item.get("runs"),
-                source=item["source"],
-                note=item.get("note", ""),
-            )
-        )
-    return references
 
 
 def comparison(

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zsharp.config import WANDB_MODES, ConfigError
+from zsharp.pipeline.cell.config import WANDB_MODES, ConfigError
 
 # Configuration keys that could hold credentials are never sent.
 _SECRET_MARKERS = ("key", "token", "secret", "password")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from zsharp.config import CellConfig
+from zsharp.pipeline.cell.config import CellConfig
 
 
 def _after_warmup(cfg: CellConfig, t: float, remaining: float) -> float:

@@ -27,6 +27,7 @@ from zsharp.data.registry import DATASETS, get_spec
 from zsharp.models.registry import get_model, is_timm
 from zsharp.optim.args import Arg, ArgError, check_args
 from zsharp.optim.registry import base_names, get_optimizer
+from zsharp.pipeline.cell.folder import CHECKPOINT
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -277,14 +278,14 @@ class Runtime:
     checkpoint: Path | None = None  # default: <out>/checkpoint.pt
     device: str = "auto"
     compile: bool = False
-    graphs: bool = False  # the step as CUDA graphs (zsharp.graphs)
+    graphs: bool = False  # the step as CUDA graphs (zsharp.optim.graphs)
     threads: int | None = None
     progress: str = "auto"  # auto: a bar on a terminal, a line per epoch otherwise
     wandb_mode: str | None = None  # None: $WANDB_MODE, else offline
     wandb_project: str | None = None  # None: $WANDB_PROJECT, else "zsharp"
     wandb_entity: str | None = None  # None: $WANDB_ENTITY
     wandb_dir: Path | None = None  # None: $WANDB_DIR, else <out>
-    wandb_name: str | None = None  # None: zsharp.config.run_name(label, seed)
+    wandb_name: str | None = None  # None: zsharp.pipeline.cell.config.run_name(label, seed)
     label: str | None = None  # the grid's optimizer entry (default: the optimizer's name)
     key: str | None = None  # the cell's key in its grid, dataset/model/label/seedN
 
@@ -313,7 +314,7 @@ class Runtime:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.checkpoint if self.checkpoint is not None else self.out / "checkpoint.pt"
+        return self.checkpoint if self.checkpoint is not None else self.out / CHECKPOINT
 
 
 # --- evaluation --------------------------------------------------------------------------

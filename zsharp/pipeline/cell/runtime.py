@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from zsharp.config import CellConfig, ConfigError
 from zsharp.data import DatasetNotReadyError, Prepared, download_dataset, load_prepared
 from zsharp.models import build_model
+from zsharp.pipeline.cell.config import CellConfig, ConfigError
 
 
 def select_device(name: str) -> torch.device:

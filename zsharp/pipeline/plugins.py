@@ -3,7 +3,7 @@
 A plugin is a module that calls ``register_optimizer``, ``register_model`` or
 ``register_dataset`` when imported. The command line and the workflow import every module
 named in ``$ZSHARP_PLUGINS`` (comma-separated) and every entry point of the
-``zsharp.plugins`` group before they read a config, so a grid can name what a plugin adds.
+``zsharp.pipeline.plugins`` group before they read a config, so a grid can name what a plugin adds.
 """
 
 from __future__ import annotations

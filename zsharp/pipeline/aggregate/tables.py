@@ -1,0 +1,146 @@
+"""The aggregate's tables as files: CSV, and ``results.md`` for people."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from zsharp.atomic import atomic_open
+from zsharp.pipeline.aggregate.stats import CORRECTION, SPREAD_Z
+
+
+def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
+    if pd.isna(mean):
+        return "–"
+    if pd.isna(std):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown(
+    table: pd.DataFrame,
+    comparison: pd.DataFrame,
+    seeds: pd.DataFrame,
+    published: pd.DataFrame | None = None,
+) -> str:
+    """The human-readable results: cells, published results beside ours, comparison,
+    failures."""
+    shown = pd.DataFrame({
+        "dataset": table["dataset"], "model": table["model"], "optimizer": table["optimizer"],
+        "seeds": [_seeds(s, f, m) for s, f, m in zip(table["seeds"], table["failed"],
+                                                     table["missing"], strict=True)],
+        "final acc %": [_pm(m, s, 100) for m, s in zip(table["final_test_acc_mean"],
+                                                     table["final_test_acc_std"], strict=True)],
+        "best acc %": [_pm(m, s, 100) for m, s in zip(table["best_test_acc_mean"],
+                                                    table["best_test_acc_std"], strict=True)],
+        "test loss": [_pm(m, s, 1, 3) for m, s in zip(table["test_loss_mean"],
+                                                    table["test_loss_std"], strict=True)],
+        "ECE %": [_pm(m, s, 100) for m, s in zip(table["ece_mean"], table["ece_std"],
+                                                 strict=True)],
+        "sharpness": [_pm(m, s, 1, 3) for m, s in zip(table["sharpness_mean"],
+                                                    table["sharpness_std"], strict=True)],
+        "train loss": [_pm(m, s, 1, 4) for m, s in zip(table["final_train_loss_mean"],
+                                                     table["final_train_loss_std"], strict=True)],
+        "time s": [_pm(m, s, 1, 0) for m, s in zip(table["train_seconds_mean"],
+                                                 table["train_seconds_std"], strict=True)],
+    })  # fmt: skip
+    parts = [
+        "# Results",
+        "",
+        "Mean ± std over seeds (final = last epoch).",
+        "",
+        shown.to_markdown(index=False),
+        "",
+    ]
+    if published is not None and not published.empty:
+        parts += [
+            "## Against published results",
+            "",
+            "Final test accuracy in %; diff = ours − published; within spread: "
+            f"|diff| ≤ {SPREAD_Z:g}·√(std_ours² + std_pub²) (std over our seeds and over the "
+            "source's runs; a 95 % CI over n runs is turned into a std with Student's t; a "
+            "source without a spread counts 0; – with fewer than two of our seeds).",
+            "",
+            _published_markdown(published),
+            "",
+        ]
+    if not comparison.empty:
+        comp = pd.DataFrame({
+            "dataset": comparison["dataset"], "model": comparison["model"],
+            "comparison": comparison["candidate"] + " − " + comparison["baseline"],
+            "final acc diff (pp)": [_pm(m, s, 100) for m, s in
+                                    zip(comparison["mean_diff"], comparison["std_diff"],
+                                        strict=True)],
+            "wins": [f"{w}/{n}" for w, n in zip(comparison["wins"], comparison["pairs"],
+                                                strict=True)],
+            "paired t-test p": [("–" if pd.isna(p) else f"{p:.3g}")
+                                for p in comparison["p_value"]],
+            "Holm p": [("–" if pd.isna(p) else f"{p:.3g}") for p in comparison["p_holm"]],
+        })  # fmt: skip
+        tested = int(comparison["p_value"].notna().sum())
+        parts += [
+            "## Paired comparison over seeds",
+            "",
+            "p: two-sided paired t-test over seeds; Holm p: adjusted for multiple comparisons "
+            f"with {CORRECTION} over the {tested} tested comparisons of this table "
+            "(family-wise error rate).",
+            "",
+            comp.to_markdown(index=False),
+            "",
+        ]
+    for status, title in (
+        ("failed", "## Failed cells"),
+        ("missing", "## Missing cells (no result yet: running the workflow again retries them)"),
+    ):
+        listed = seeds[seeds["status"] == status]
+        if listed.empty:
+            continue
+        parts += [title, ""]
+        for _, row in listed.iterrows():
+            parts.append(
+                f"- {row['dataset']}/{row['model']}/{row['optimizer']}/seed"
+                f"{row['seed']}: {status} {' '.join(str(row['error']).split())}".rstrip()
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _published_markdown(frame: pd.DataFrame) -> str:
+    def number(value: float, digits: int = 2, sign: str = "") -> str:
+        return "–" if pd.isna(value) else f"{value:{sign}.{digits}f}"
+
+    within = {True: "yes", False: "no"}
+    shown = pd.DataFrame({
+        "dataset": frame["dataset"], "model": frame["model"], "optimizer": frame["optimizer"],
+        "ours %": [_pm(m, s) for m, s in zip(frame["ours_pct"], frame["ours_std_pct"],
+                                            strict=True)],
+        "published %": [f"{number(a)} ({s})" for a, s in zip(frame["published_pct"],
+                                                          frame["published_spread"],
+                                                          strict=True)],
+        "diff pp": [number(d, sign="+") for d in frame["diff_pp"]],
+        "within spread": [within.get(w, "–") if not pd.isna(w) else "–"
+                          for w in frame["within_spread"]],
+        "source": [" ".join(f"{s} {n}".split()) for s, n in zip(frame["source"],
+                                                              frame["note"].fillna(""),
+                                                              strict=True)],
+    })  # fmt: skip
+    return shown.to_markdown(index=False)
+
+
+def _seeds(total: int, failed: int, missing: int) -> str:
+    """``3/3``; ``FAILED 1/3``; ``MISSING 1/3``; ``FAILED 1/3, MISSING 1/3``."""
+    if failed == 0 and missing == 0:
+        return f"{total}/{total}"
+    marks = [f"FAILED {failed}/{total}"] if failed else []
+    return ", ".join(marks + ([f"MISSING {missing}/{total}"] if missing else []))
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_open(path) as handle:
+        frame.to_csv(handle, index=False)
+
+
+def write_markdown(text: str, path: Path) -> None:
+    with atomic_open(path) as handle:
+        handle.write(text)
