@@ -27,6 +27,6 @@ report: "workflow/report/workflow.rst"
 
 
 rule all:
+    default_target: True
     input:
         rules.aggregate.output,
-    default_target: True

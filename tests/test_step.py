@@ -18,16 +18,13 @@ from torch.nn import functional as F
 
 import zsharp.optim as zo
 from tests import reference as ref
-from tests.test_optim import ForbidHostSync
+from tests.cases import SHARPNESS_AWARE
+from zsharp.optim.graphs import CaptureInspector
 from zsharp.optim.step import SharpnessAwareStep, split_batch, two_pass_step
 
-# name → create() arguments; the ZSharp variants are the paper's and the released code's
-OPTIMIZERS = {
-    "sam": ("sam", {}),
-    "fsam": ("fsam", {}),
-    "zsharp": ("zsharp", {"variant": "paper"}),
-    "zsharp-official": ("zsharp", {"variant": "official"}),
-}
+# key → create() name and arguments, every sharpness-aware optimizer of the registry; the
+# ZSharp variants are the paper's and the released code's
+OPTIMIZERS = SHARPNESS_AWARE
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -201,7 +198,7 @@ def overflowing_loss(at_call: int) -> Callable[[torch.Tensor, torch.Tensor], tor
     return loss_fn
 
 
-@pytest.mark.parametrize("key", ["sam", "fsam", "zsharp"])
+@pytest.mark.parametrize("key", list(OPTIMIZERS))
 @pytest.mark.parametrize("at_call", [0, 1], ids=["first-pass", "second-pass"])
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["no-clip", "clip"])
 def test_overflow_in_either_pass_skips_the_step(key: str, at_call: int, clip: float | None) -> None:
@@ -305,16 +302,34 @@ def test_plain_optimizer_takes_one_pass_steps() -> None:
 # --- the step's contract ------------------------------------------------------------------
 
 
-def test_no_host_sync_in_a_step() -> None:
+@pytest.mark.parametrize("key", list(OPTIMIZERS))
+def test_no_host_sync_in_a_step(key: str) -> None:
+    """Every sharpness-aware optimizer of the registry (both ZSharp variants), diagnostics
+    on, through the whole step (2 micro-batches, clipping) and the one-pass step of
+    ``interval``: not one operation that syncs with the host, draws random numbers or copies
+    between host and device, as the inspector of CUDA-graph capture sees them. SGD is the
+    base: torch's Adam reads its CPU step count with .item() (no device sync, but a dispatch
+    mode cannot tell it apart on a CPU)."""
     model = mlp(11)
+    name, kwargs = OPTIMIZERS[key]
+    optimizer = zo.create(
+        name, model.parameters(), base="sgd", lr=0.1, momentum=0.9, diagnostics=True, **kwargs
+    )
     step = SharpnessAwareStep(
-        model, make("zsharp", model, momentum=0.9), F.cross_entropy, micro_batches=2,
-        max_grad_norm=1.0, interval=2,
-    )  # fmt: skip
-    for seed in range(3):
+        model, optimizer, F.cross_entropy, micro_batches=2, max_grad_norm=1.0, interval=2
+    )
+    for seed in range(3):  # two-pass, one-pass, two-pass (F-SAM's moving-average path)
         x, y = data(seed)
-        with ForbidHostSync():
+        with CaptureInspector() as inspector:
             step(x, y)
+        assert inspector.found == [], (seed, inspector.found)
+    assert all(torch.isfinite(v) for v in optimizer.diagnostics.values())
+
+
+def test_the_inspector_finds_a_host_sync() -> None:
+    with CaptureInspector() as inspector:
+        torch.ones(3).sum().item()
+    assert inspector.found and "_local_scalar_dense" in inspector.found[0]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -28,11 +29,21 @@ EXP = Path("results/tiny")
 
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory) -> Path:
-    """A tiny grid run to completion once; the tests below build on it in order."""
+    """A tiny grid run to completion once for the module; tests read it as it is."""
     directory = tmp_path_factory.mktemp("grid")
     config = write_config(directory, tiny_config(wandb={"mode": "offline"}))
     snakemake(directory, "--cores", "2", config=config)
     return directory
+
+
+@pytest.fixture
+def own_grid(grid_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished grid (results, Snakemake's metadata, modification times) for
+    a test that changes it: each such test starts from the finished grid, whatever ran
+    before it."""
+    copy = tmp_path / "grid"
+    shutil.copytree(grid_run, copy, symlinks=True)
+    return copy
 
 
 def test_outputs_exist_and_say_what_ran(grid_run: Path) -> None:
@@ -80,33 +91,31 @@ def test_changing_runtime_or_wandb_settings_reruns_nothing(grid_run: Path) -> No
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_changing_one_optimizers_hyperparameter_reruns_only_its_cells(grid_run: Path) -> None:
+def test_changing_one_optimizers_hyperparameter_reruns_only_its_cells(own_grid: Path) -> None:
     config = tiny_config(wandb={"mode": "offline"})
     config["optimizers"]["zsharp"]["opt_args"]["rho"] = 0.1
-    path = write_config(grid_run, config)
-    before = mtimes(grid_run / EXP)
-    snakemake(grid_run, "--cores", "2", config=path)
-    after = mtimes(grid_run / EXP)
+    path = write_config(own_grid, config)
+    before = mtimes(own_grid / EXP)
+    snakemake(own_grid, "--cores", "2", config=path)
+    after = mtimes(own_grid / EXP)
     changed = {cell for cell in before if before[cell] != after[cell]}
     assert changed == {"cells/digits/resnet20/zsharp/seed0/summary.json"}
     summary = json.loads(
-        (grid_run / EXP / "cells/digits/resnet20/zsharp/seed0/summary.json").read_text()
+        (own_grid / EXP / "cells/digits/resnet20/zsharp/seed0/summary.json").read_text()
     )
     assert summary["config"]["opt_args"]["rho"] == 0.1
 
 
-def test_adding_a_seed_runs_only_the_new_cells(grid_run: Path) -> None:
-    config = tiny_config(wandb={"mode": "offline"}, seeds=[0, 1])
-    config["optimizers"]["zsharp"]["opt_args"]["rho"] = 0.1
-    path = write_config(grid_run, config)
-    before = mtimes(grid_run / EXP)
-    snakemake(grid_run, "--cores", "2", config=path)
-    after = mtimes(grid_run / EXP)
+def test_adding_a_seed_runs_only_the_new_cells(own_grid: Path) -> None:
+    path = write_config(own_grid, tiny_config(wandb={"mode": "offline"}, seeds=[0, 1]))
+    before = mtimes(own_grid / EXP)
+    snakemake(own_grid, "--cores", "2", config=path)
+    after = mtimes(own_grid / EXP)
     assert {k: after[k] for k in before} == before
     assert set(after) - set(before) == {
         f"cells/digits/resnet20/{label}/seed1/summary.json" for label in ("sgd", "sam", "zsharp")
     }
-    table = pd.read_csv(grid_run / EXP / "results.csv")
+    table = pd.read_csv(own_grid / EXP / "results.csv")
     assert (table["seeds"] == 2).all()
 
 

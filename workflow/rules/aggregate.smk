@@ -5,7 +5,6 @@
 # parts of the config that say them (so a runtime or W&B setting reruns nothing).
 from zsharp.pipeline.grid.expand import SENSITIVITY_PLOT, aggregate_document, sensitivity_plots
 
-
 SENSITIVITY = [
     (family, param, dataset, SENSITIVITY_PLOT.format(family=family, param=param, dataset=dataset))
     for family, param, dataset in sensitivity_plots(GRID)
@@ -72,13 +71,13 @@ rule aggregate:
         f"{LOGS}/aggregate.log",
     benchmark:
         f"{EXP}/benchmarks/aggregate.tsv"
+    localrule: True
     params:
         cells=lambda wildcards, input: shlex.join(str(Path(s).parent) for s in input.summaries),
         out=lambda wildcards, output: Path(output.table).parent,
         compare=compare_args(),
         grid=shlex.quote(aggregate_document(config)),
         experiment=C["experiment"],
-    localrule: True
     shell:
         "zsharp aggregate {params.cells} --out {params.out} {params.compare} "
         "--grid {params.grid} --experiment {params.experiment} > {log} 2>&1"

@@ -15,7 +15,6 @@ from zsharp.pipeline.cell.config import EVALUATE
 from zsharp.pipeline.grid.expand import grid_comparison, load_grid
 from zsharp.pipeline.grid.schema import GridError
 
-
 # `configfile:` would merge a --configfile into the default one (grids would add up), so
 # the default is loaded only when no config file was given; a given file must name a grid.
 if not workflow.overwrite_configfiles and not config:

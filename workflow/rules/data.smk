@@ -9,10 +9,10 @@ rule download:
         f"{LOGS}/download/{{dataset}}.log",
     benchmark:
         f"{EXP}/benchmarks/download/{{dataset}}.tsv"
+    retries: 3
+    localrule: True
     params:
         source=download_source,
         root=lambda wildcards, output: Path(output[0]).parent.parent,
-    localrule: True
-    retries: 3
     shell:
         "zsharp download {wildcards.dataset} --root {params.root} {params.source} > {log} 2>&1"

@@ -12,16 +12,16 @@ rule evaluate:
         f"{LOGS}/evaluate/{CELL}.log",
     benchmark:
         f"{EXP}/benchmarks/evaluate/{CELL}.tsv"
+    retries: retries("evaluate")
+    threads: resource("evaluate", "threads", 1)
+    resources:
+        **gpu_resources("evaluate"),
+        runtime=resource("evaluate", "runtime", 60),
+        mem_mb=resource("evaluate", "mem_mb", 8000),
     params:
         cell=lambda wildcards, input: Path(input.summary).parent,
         data=lambda wildcards, input: Path(input.data).parent.parent,
         options=evaluate_options(),
-    threads: resource("evaluate", "threads", 1)
-    resources:
-        runtime=resource("evaluate", "runtime", 60),
-        mem_mb=resource("evaluate", "mem_mb", 8000),
-        **gpu_resources("evaluate"),
-    retries: retries("evaluate")
     shell:
         "zsharp-device --cells-per-gpu {resources.cells_per_gpu} --mem-mb {resources.gpu_mem_mb} "
         "{resources.gpus_per_cell} -- "

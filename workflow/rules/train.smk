@@ -19,19 +19,19 @@ rule train:
         f"{LOGS}/train/{CELL}.log",
     benchmark:
         f"{EXP}/benchmarks/train/{CELL}.tsv"
+    retries: retries("train")
+    threads: resource("train", "threads", 1)
+    resources:
+        **gpu_resources("train"),
+        runtime=resource("train", "runtime", 720),
+        mem_mb=resource("train", "mem_mb", 8000),
+        attempt=lambda wildcards, attempt: attempt,
     params:
         cell=lambda wildcards: cell_of(wildcards).config_json(),
         out=lambda wildcards, output: Path(output.summary).parent,
         data=lambda wildcards, input: Path(input.data).parent.parent,
         failures=failures_so_far,
         attempts=retries("train") + 1,
-    threads: resource("train", "threads", 1)
-    resources:
-        runtime=resource("train", "runtime", 720),
-        mem_mb=resource("train", "mem_mb", 8000),
-        attempt=lambda wildcards, attempt: attempt,
-        **gpu_resources("train"),
-    retries: retries("train")
     shell:
         "zsharp-device --cells-per-gpu {resources.cells_per_gpu} --mem-mb {resources.gpu_mem_mb} "
         "{resources.gpus_per_cell} -- "

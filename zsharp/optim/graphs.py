@@ -73,6 +73,7 @@ from torch.optim import Optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
+    "CaptureInspector",
     "GraphedStep",
     "check_graphable",
     "graph_base_kwargs",
@@ -286,8 +287,16 @@ def _check_optimizer(optimizer: Optimizer, device: torch.device, capture: bool) 
 # --- the run-time inspection ----------------------------------------------------------------
 
 
-class _Inspector(TorchDispatchMode):
-    """Records the operations of a step that a CUDA graph capture cannot hold."""
+class CaptureInspector(TorchDispatchMode):
+    """Records the operations run under it that a CUDA graph capture cannot hold.
+
+    ``found`` lists them, one string each: host syncs (``.item()``, ``nonzero``,
+    boolean-mask indexing, ``unique``, …), random draws, and copies between the host and a
+    CUDA device. A dispatch mode sees every aten operation, so this runs on a CPU too:
+    ``with CaptureInspector() as inspector: step(...)``, then ``inspector.found == []``
+    proves the step syncs with nothing (what :class:`GraphedStep` checks on its last
+    warm-up call, and the test suite checks of every optimizer's step).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -494,7 +503,7 @@ class GraphedStep:
         """A real step, run eagerly (on the side stream when capturing), inspected on the
         last warm-up call of its kind."""
         self.counts["eager"] += 1
-        inspector = _Inspector()
+        inspector = CaptureInspector()
         with _side_stream(self._stream):
             if inspect:
                 with inspector:
