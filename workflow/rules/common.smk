@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
+from zsharp.data.prepared import check_prepared, dataset_dir, is_ready
 from zsharp.pipeline.cell import folder
 from zsharp.pipeline.cell.config import EVALUATE
 from zsharp.pipeline.grid.expand import grid_comparison, load_grid
@@ -43,6 +44,16 @@ print(
     file=sys.stderr,
     flush=True,
 )
+
+# A prepared dataset whose files no longer match its meta.json (a truncated array, say) is
+# not prepared: its READY goes (the headers and sizes are checked, not the digests: a
+# moment per dataset), so the download rule prepares it again before any training job.
+for _dataset in C["datasets"]:
+    _directory = dataset_dir(DATA, _dataset)
+    if is_ready(_directory):
+        _damage = check_prepared(_directory, digests=False)
+        if _damage is not None:
+            print(f"zsharp: {_damage}: it is prepared again", file=sys.stderr, flush=True)
 
 
 def _alternatives(names):

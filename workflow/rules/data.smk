@@ -1,5 +1,9 @@
 # Datasets: fetched once per data root on the submit host (compute nodes often have no
-# internet). A root that already holds a prepared dataset (READY) needs no network.
+# internet). A root that already holds a prepared dataset (READY) needs no network. A
+# prepared dataset damaged since (common.smk checks each one's files against its meta.json
+# when the workflow starts) has lost its READY and is prepared again here, before any
+# training job reads it; training checks the files' digests too, and a damaged dataset it
+# finds is prepared again by the next run.
 
 
 rule download:

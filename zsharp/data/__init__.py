@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from zsharp.data.errors import (
         ChecksumError,
         CorruptArchiveError,
+        CorruptDatasetError,
         DatasetError,
         DatasetNotReadyError,
     )
@@ -50,6 +51,7 @@ _SOURCES: dict[str, str] = {
     "download_dataset": "download",
     "ChecksumError": "errors",
     "CorruptArchiveError": "errors",
+    "CorruptDatasetError": "errors",
     "DatasetError": "errors",
     "DatasetNotReadyError": "errors",
     "DeviceLoader": "loader",
@@ -72,6 +74,7 @@ __all__ = [
     "DATASETS",
     "ChecksumError",
     "CorruptArchiveError",
+    "CorruptDatasetError",
     "DatasetError",
     "DatasetNotReadyError",
     "DatasetSpec",

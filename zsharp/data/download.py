@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from zsharp.data.errors import DatasetArgumentError
 from zsharp.data.fetch import fetch, resolve_source, verify_md5
-from zsharp.data.prepared import dataset_dir, is_ready, staging
+from zsharp.data.prepared import check_prepared, dataset_dir, is_ready, staging
 from zsharp.data.registry import RemoteFile, get_spec
 
 __all__ = ["download_dataset"]
@@ -30,9 +31,11 @@ def download_dataset(
 ) -> Path:
     """Fetch and prepare dataset ``name`` into ``root/<name>/``; return that directory.
 
-    If the directory already holds prepared data (its READY marker exists) this returns at
-    once without touching ``source`` or the network, so data staged on a cluster node
-    without internet is simply reused.
+    If the directory already holds prepared data (its READY marker exists) whose files match
+    its ``meta.json`` (:func:`~zsharp.data.prepared.verify_prepared`, digests included), this
+    returns without touching ``source`` or the network, so data staged on a cluster node
+    without internet is simply reused; prepared data that does not match is prepared again
+    (one line on stderr says why).
 
     Args:
         name: a registered dataset (``cifar10``, ``cifar100``, ``svhn``, ``tiny-imagenet``,
@@ -63,7 +66,10 @@ def download_dataset(
     spec = get_spec(name)
     directory = dataset_dir(root, name)
     if is_ready(directory):
-        return directory
+        damage = check_prepared(directory)
+        if damage is None:
+            return directory
+        print(f"zsharp: {damage}; preparing {spec.name} again", file=sys.stderr, flush=True)
     prepare = spec.preparer()  # a bad "module:function" fails before any download
     remotes = spec.remote_files()
     if not remotes and source is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumError",
     "CorruptArchiveError",
+    "CorruptDatasetError",
     "DatasetArgumentError",
     "DatasetError",
     "DatasetNotReadyError",
@@ -34,6 +35,11 @@ class DatasetArgumentError(DatasetError, ValueError):
 
 class DatasetNotReadyError(DatasetError):
     """``load_prepared`` was asked for data that has not been (completely) prepared."""
+
+
+class CorruptDatasetError(DatasetNotReadyError):
+    """A prepared dataset whose files do not match its ``meta.json`` (truncated, changed):
+    it counts as not prepared, and preparing it again mends it."""
 
 
 def one_line(obj: object) -> str:

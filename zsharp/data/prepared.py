@@ -5,8 +5,17 @@ A prepared dataset lives in ``<root>/<name>/``::
     train_x.npy  uint8, N×C×H×W     train_y.npy  int64, N
     test_x.npy   uint8, M×C×H×W     test_y.npy   int64, M
     meta.json    name, num_classes, image_size, channels, mean, std (from train), class
-                 names, counts, source md5s, ...
+                 names, counts, source md5s, and each array file's shape, dtype, size
+                 in bytes and BLAKE2b digest
     READY        written last; its presence is the only signal that the rest is complete
+
+Every load verifies the arrays against ``meta.json`` (:func:`verify_prepared`): each
+file's ``.npy`` header (shape, dtype) and size (a truncated file shows at once), and its
+digest where one is recorded (one read of the file, about a second per GB, which also puts
+it in the page cache for training). A file that does not match withdraws READY — the
+dataset is no longer prepared, so ``zsharp download`` (and the workflow's download rule)
+prepares it again — and raises :class:`~zsharp.data.errors.CorruptDatasetError`, one line
+naming the file and that command.
 
 ``.npy`` rather than a pickle so that Tiny-ImageNet's 1.2 GB train split can be memory-mapped
 instead of read whole. Everything is first written to hidden temp files in the same
@@ -20,7 +29,9 @@ dataset folder's :class:`~zsharp.atomic.DirectoryLock` (one preparation at a tim
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -35,7 +46,7 @@ import numpy as np
 import torch
 
 from zsharp.atomic import BusyError, DirectoryLock, named, remove_stale_temps
-from zsharp.data.errors import DatasetError, DatasetNotReadyError
+from zsharp.data.errors import CorruptDatasetError, DatasetError, DatasetNotReadyError
 from zsharp.data.registry import get_spec
 
 __all__ = [
@@ -45,10 +56,12 @@ __all__ = [
     "Prepared",
     "Staging",
     "channel_stats",
+    "check_prepared",
     "dataset_dir",
     "is_ready",
     "load_prepared",
     "staging",
+    "verify_prepared",
 ]
 
 READY_FILE = "READY"
@@ -57,6 +70,9 @@ SPLITS = ("train", "test")
 FORMAT_VERSION = 1
 # Images per chunk when measuring mean/std: bounds the float64 scratch to ~400 MB at 64×64.
 _STATS_CHUNK = 4096
+ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+# The digest of a prepared array: BLAKE2b (hashlib, ~1 GB/s), read in 16 MiB blocks.
+_DIGEST_BLOCK = 1 << 24
 # A JSON array of numbers spread over several lines by json.dumps(indent=...).
 _NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
 
@@ -188,6 +204,7 @@ class Staging:
                 if isinstance(array, np.memmap):
                     array.flush()
             self._arrays.clear()  # drop the memmaps before renaming their files
+            full["files"] = {f"{key}.npy": _describe(self._temps[f"{key}.npy"]) for key in ARRAYS}
             self._temp(META_FILE).write_text(_dumps(full))
             for final, temp in self._temps.items():
                 temp.replace(self.directory / final)
@@ -212,6 +229,88 @@ class Staging:
         path = self.directory / f".{final}.{os.getpid()}.tmp"
         self._temps[final] = path
         return path
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes the file must have) from a ``.npy`` file's header."""
+    fmt = np.lib.format
+    with path.open("rb") as handle:
+        version = fmt.read_magic(handle)
+        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f".npy format version {version}, not one this project writes")
+        shape, fortran, dtype = readers[version](handle)
+        if fortran:
+            raise ValueError("Fortran-ordered")
+        offset = handle.tell()
+    return tuple(shape), dtype, offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while block := handle.read(_DIGEST_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    """What meta.json records of an array file: shape, dtype, size, digest."""
+    shape, dtype, _ = _header(path)
+    return {
+        "shape": list(shape),
+        "dtype": dtype.str,
+        "bytes": path.stat().st_size,
+        "blake2b": _digest(path),
+    }
+
+
+def verify_prepared(
+    directory: str | os.PathLike[str], meta: dict[str, Any], *, digests: bool = True
+) -> None:
+    """Check a prepared dataset's arrays against its ``meta.json``.
+
+    Always, for each array: the file exists, its ``.npy`` header reads, its shape and dtype
+    are those of the split (``counts``, ``channels``, ``image_size``; uint8 images, int64
+    labels) and its size is what the header says (no truncation, nothing appended); with
+    ``digests``, its BLAKE2b digest where meta.json records one (datasets prepared by older
+    versions record none). Raises :class:`CorruptDatasetError` naming the first file that
+    does not match; cheap without ``digests`` (four headers and four ``stat`` calls).
+    """
+    directory = Path(directory)
+    recorded = meta.get("files") or {}
+    counts = meta.get("counts") or {}
+    for key in ARRAYS:
+        path = directory / f"{key}.npy"
+        split, kind = key.split("_")
+        try:
+            shape, dtype, size = _header(path)
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptDatasetError(f"{path}: missing although {READY_FILE} exists") from None
+        except (OSError, ValueError) as error:
+            raise CorruptDatasetError(f"{path}: not a readable .npy array ({error})") from None
+        if actual != size:
+            raise CorruptDatasetError(
+                f"{path}: {actual} bytes, but its header ({shape}, {dtype}) needs {size}"
+                + (" (truncated)" if actual < size else "")
+            )
+        n = counts.get(split)
+        if kind == "x":
+            c, s = meta.get("channels"), meta.get("image_size")
+            expected, want = (n, c, s, s), np.dtype(np.uint8)
+        else:
+            expected, want = (n,), np.dtype(np.int64)
+        if shape != expected or dtype != want:
+            raise CorruptDatasetError(
+                f"{path}: holds {dtype} {shape}, but {META_FILE} records {want} {expected}"
+            )
+        record = recorded.get(path.name) or {}
+        if digests and record.get("blake2b") and _digest(path) != record["blake2b"]:
+            raise CorruptDatasetError(
+                f"{path}: its content differs from the one prepared ({META_FILE} records "
+                f"BLAKE2b {record['blake2b']})"
+            )
 
 
 def _dumps(meta: dict[str, Any]) -> str:
@@ -266,7 +365,31 @@ def staging(directory: Path) -> Iterator[Staging]:
         lock.__exit__(None, None, None)
 
 
-def load_prepared(name: str, root: str | os.PathLike[str], *, mmap: bool = True) -> Prepared:
+def check_prepared(directory: str | os.PathLike[str], *, digests: bool = True) -> str | None:
+    """None if ``directory`` holds a prepared dataset whose files match its meta.json, else
+    why not (READY is then withdrawn: the dataset counts as not prepared)."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+        if not isinstance(meta, dict):
+            raise CorruptDatasetError(f"{directory / META_FILE}: not a JSON object")
+        verify_prepared(directory, meta, digests=digests)
+    except (OSError, UnicodeDecodeError, ValueError, CorruptDatasetError) as error:
+        _withdraw(directory)
+        return " ".join(str(error).split())
+    return None
+
+
+def _withdraw(directory: Path) -> None:
+    """Remove READY: the files no longer vouch for a prepared dataset (the next
+    ``zsharp download`` prepares it again). Open memory maps of other readers stay valid."""
+    with contextlib.suppress(OSError):
+        (directory / READY_FILE).unlink(missing_ok=True)
+
+
+def load_prepared(
+    name: str, root: str | os.PathLike[str], *, mmap: bool = True, verify: bool = True
+) -> Prepared:
     """Load a dataset prepared by :func:`zsharp.data.download_dataset`.
 
     Args:
@@ -274,9 +397,12 @@ def load_prepared(name: str, root: str | os.PathLike[str], *, mmap: bool = True)
         root: the data root given to ``download_dataset`` (the data is in ``root/<name>``).
         mmap: memory-map the image arrays (copy-on-write) instead of reading them, so that
             opening Tiny-ImageNet is instant and pages are read as they are used.
+        verify: check the arrays against meta.json first (:func:`verify_prepared`).
 
     Raises:
         DatasetNotReadyError: the data is missing or incompletely prepared.
+        CorruptDatasetError: (a DatasetNotReadyError) a file does not match meta.json; READY
+            is withdrawn, so the dataset counts as not prepared from now on.
     """
     spec = get_spec(name)
     directory = dataset_dir(root, name)
@@ -285,16 +411,31 @@ def load_prepared(name: str, root: str | os.PathLike[str], *, mmap: bool = True)
             f"dataset {spec.name!r} is not prepared in {directory} (no {READY_FILE} marker); "
             f"run `zsharp download {spec.name} --root {Path(root)}` first"
         )
-    meta = json.loads((directory / META_FILE).read_text())
+    again = f"zsharp download {spec.name} --root {Path(root)}"
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        _withdraw(directory)
+        raise CorruptDatasetError(
+            f"{directory / META_FILE}: unreadable ({' '.join(str(error).split())[:120]}); "
+            f"prepare the dataset again: {again}"
+        ) from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise DatasetNotReadyError(
             f"{directory / META_FILE}: format version {meta.get('format_version')} is not "
-            f"{FORMAT_VERSION}; delete {directory} and run `zsharp download {spec.name} "
-            f"--root {Path(root)}` again"
+            f"{FORMAT_VERSION}; delete {directory} and run `{again}` again"
         )
+    if verify:
+        try:
+            verify_prepared(directory, meta)
+        except CorruptDatasetError as error:
+            _withdraw(directory)
+            raise CorruptDatasetError(f"{error}; prepare the dataset again: {again}") from None
     arrays = {
         key: _load_array(directory / f"{key}.npy", mmap=mmap and key.endswith("_x"))
-        for key in ("train_x", "train_y", "test_x", "test_y")
+        for key in ARRAYS
     }
     return Prepared(
         **arrays,

@@ -37,7 +37,7 @@ from zsharp.pipeline.cell.config import (
     cell_config,
 )
 from zsharp.pipeline.grid.published import Reference, check_published
-from zsharp.pipeline.grid.schema import GridError, check_schema
+from zsharp.pipeline.grid.schema import MAX_CELLS, GridError, check_schema
 
 MAPPING_SETTINGS = ("opt_args", "model_args")
 # the grid's comparison when the config names none: every ZSharp entry against SAM
@@ -234,12 +234,59 @@ def aggregate_document(config: dict[str, Any]) -> str:
     return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
+def count_cells(config: Any) -> tuple[int, str] | None:
+    """(number of cells, the product that makes it) of a config as written, sweeps
+    expanded, or None where the config's shape is too wrong to count (the schema then
+    says why). A few operations, whatever the grid's size."""
+    if not isinstance(config, dict):
+        return None
+    sizes = {}
+    for key in ("datasets", "models", "seeds"):
+        value = config.get(key)
+        if not isinstance(value, (dict, list)):
+            return None
+        sizes[key] = len(value)
+    entries = config.get("optimizers")
+    if not isinstance(entries, dict):
+        return None
+    count = 0
+    for entry in entries.values():
+        sweep = (entry or {}).get("sweep") if isinstance(entry, dict) else None
+        size = 1
+        if isinstance(sweep, dict):
+            for values in sweep.values():
+                size *= len(values) if isinstance(values, list) else 1
+        count += size
+    total = sizes["datasets"] * sizes["models"] * count * sizes["seeds"]
+    product = (
+        f"{sizes['datasets']:,} datasets × {sizes['models']:,} models × {count:,} optimizer "
+        f"entries × {sizes['seeds']:,} seeds"
+    )
+    return total, product
+
+
+def _check_size(config: Any) -> None:
+    """Refuse a grid above ``max_cells`` before anything else reads it whole."""
+    counted = count_cells(config)
+    limit = config.get("max_cells", MAX_CELLS) if isinstance(config, dict) else MAX_CELLS
+    if counted is None or not isinstance(limit, int) or isinstance(limit, bool):
+        return  # the schema names what is wrong
+    total, product = counted
+    if total > limit:
+        raise GridError(
+            f"max_cells: the grid has {total:,} cells ({product}), more than max_cells "
+            f"({limit:,}); split it into several configs or raise max_cells"
+        )
+
+
 def load_grid(config: Any, cells: bool = True) -> Grid:
-    """Validate ``config`` (schema, then every cell's settings) and expand the grid.
+    """Validate ``config`` (its size, the schema, then every cell's settings) and expand
+    the grid.
 
     With ``cells=False`` only the config is checked and expanded (its sweeps, comparison
     and published references; what the aggregate reads), not each cell's settings.
     """
+    _check_size(config)
     config = check_schema(config)
     config["optimizers"], sweeps = expand_sweeps(config["optimizers"])
     _check_references(config, sweeps)

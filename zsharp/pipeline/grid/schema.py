@@ -27,6 +27,8 @@ from zsharp.pipeline.cell.config import EVALUATE, MAX_SEED, SETTINGS
 from zsharp.pipeline.plugins import load_plugins
 
 SKELETON = Path(__file__).resolve().parent / "config.schema.yaml"
+# the default bound on a grid's cells (max_cells): about 50 s of Snakemake dry run
+MAX_CELLS = 10_000
 
 
 class GridError(ValueError):
@@ -50,6 +52,7 @@ def schema() -> dict[str, Any]:
     doc = yaml.safe_load(SKELETON.read_text())
     props, defs = doc["properties"], doc["$defs"]
     props["seeds"]["items"]["maximum"] = MAX_SEED
+    props["max_cells"]["default"] = MAX_CELLS
     props["datasets"]["propertyNames"] = {"enum": list(DATASETS)}
     props["models"]["propertyNames"] = {
         "anyOf": [{"enum": list(MODELS)}, {"pattern": f"^{TIMM_PREFIX}[A-Za-z0-9_.-]+$"}]
