@@ -110,6 +110,8 @@ def mtimes(root: Path, pattern: str = "**/summary.json") -> dict[str, float]:
 _CLI_SERVER = r"""
 import json, os, runpy, sys
 
+sys.path[0] = os.getcwd()  # the repository (the server starts there), not each child's cwd
+
 import torch, torch._dynamo  # noqa: F401  (torch loads _dynamo on the first optimizer step)
 # not the command line itself: runpy runs it fresh as __main__
 import zsharp.pipeline.aggregate, zsharp.pipeline.cell.evaluate  # noqa: F401
@@ -135,6 +137,10 @@ for line in requests:
         os.close(null)
         replies.close()
         sys.argv = [sys.argv[0], *request["argv"]]
+        if os.environ.get("ZSHARP_CRASH_UNDER"):  # the crash-point matrix (tests/crash_points.py)
+            import tests.crash_points
+
+            tests.crash_points.install()
         runpy.run_module("zsharp", run_name="__main__", alter_sys=True)
         sys.exit(0)
     replies.write(json.dumps({"pid": pid}) + "\n")
@@ -159,6 +165,7 @@ class CommandServer:
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=REPO,  # `import tests.crash_points` in a child
         )
 
     def _reply(self, timeout: float) -> dict[str, Any]:
