@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, interleaved_medians, machine
+from common import ProcessTimer, Timer, interleaved_medians, machine
 
 import zsharp.optim as zo
 from zsharp.models import build_model
@@ -44,15 +43,6 @@ def cycle(step: SharpnessAwareStep, k: int, x: torch.Tensor, y: torch.Tensor) ->
             step(x, y)
 
     return run
-
-
-class ProcessTimer:
-    """Seconds of CPU time this process spends in a callable (CPU runs, one thread)."""
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        begin = time.process_time()
-        fn()
-        return time.process_time() - begin
 
 
 def main() -> None:

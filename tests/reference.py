@@ -63,8 +63,10 @@ def epsilon(
     percentile: float = 95.0,
     adaptive: bool = False,
     eta: float = 0.0,
+    eps: float = EPS,
 ) -> list[np.ndarray]:
-    """ε of SAM/ASAM (variant None) or ZSharp ("paper", "official") for each tensor."""
+    """ε of SAM/ASAM (variant None) or ZSharp ("paper", "official") for each tensor; ``eps``
+    guards the normalisations (a SAM variant's own guard: VaSSO's 1e-7)."""
     g = [np.asarray(x, dtype=np.float64) for x in grads]
     t = [
         np.abs(np.asarray(w, dtype=np.float64)) + eta if adaptive else np.ones_like(x)
@@ -76,7 +78,7 @@ def epsilon(
             sum(float(np.sum((ti * d) ** 2)) for ti, d in zip(t, direction, strict=True))
         )
         return [
-            rho * ti**2 * d / (norm + EPS) for rho, ti, d in zip(rhos, t, direction, strict=True)
+            rho * ti**2 * d / (norm + eps) for rho, ti, d in zip(rhos, t, direction, strict=True)
         ]
 
     if variant is None:
@@ -95,7 +97,7 @@ def epsilon(
             continue
         f = x * mask_official(x, percentile).reshape(x.shape)
         norm = float(np.linalg.norm(ti * f))
-        out.append(rho * ti**2 * f / (norm + EPS) if norm > 0 else s)
+        out.append(rho * ti**2 * f / (norm + eps) if norm > 0 else s)
     return out
 
 
@@ -161,8 +163,10 @@ def diagnostics(
     percentile: float = 95.0,
     adaptive: list[bool] | None = None,
     eta: float = 0.0,
+    eps: float = EPS,
 ) -> dict[str, float]:
-    """One ascent's diagnostics, from the equations, with ε built here from scratch.
+    """One ascent's diagnostics, from the equations, with ε built here from scratch
+    (``eps``: the guard of the normalisation, a variant's own: VaSSO 1e-7, SAM-ON 1e-16).
 
     ``directions`` are the ascent directions d (the gradients g, or Friendly-SAM's
     g - sigma m), ``adaptive[i]`` whether tensor i has ASAM's T = |w| + eta (else T = 1).
@@ -197,14 +201,14 @@ def diagnostics(
             sum(float(np.sum((ti * x) ** 2)) for ti, x in zip(t, direction, strict=True))
         )
         return [
-            rho * ti**2 * x / (norm + EPS) for rho, ti, x in zip(rhos, t, direction, strict=True)
+            rho * ti**2 * x / (norm + eps) for rho, ti, x in zip(rhos, t, direction, strict=True)
         ]
 
     if variant == "official":
         used = [x if x.ndim <= 1 or not np.any(f) else f for x, f in zip(d, filtered, strict=True)]
         share = sam_share(d)
         eps = [
-            s if x.ndim <= 1 or not np.any(f) else rho * ti**2 * f / (np.linalg.norm(ti * f) + EPS)
+            s if x.ndim <= 1 or not np.any(f) else rho * ti**2 * f / (np.linalg.norm(ti * f) + eps)
             for rho, ti, x, f, s in zip(rhos, t, d, filtered, share, strict=True)
         ]
     else:

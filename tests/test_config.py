@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+import zsharp.optim as zo
 from tests.workflow_helpers import REPO, environment, snakemake, tiny_config, write_config
 from zsharp.data.registry import DATASETS
 from zsharp.models.registry import MODELS
@@ -78,19 +79,28 @@ def test_schema_and_python_accept_the_same_values(arg) -> None:
 @pytest.mark.parametrize("name", [n for n, i in OPTIMIZERS.items() if not i.is_base])
 def test_each_sharpness_aware_optimizer_takes_its_registry_arguments(name: str) -> None:
     info = get_optimizer(name)
-    params = [torch.nn.Parameter(torch.zeros(3))]
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    params = zo.params_for(name, net)
     optimizer = create(name, params, lr=0.1)
     group = optimizer.param_groups[0]
-    for arg in info.args:  # the registry's defaults are what runs (the filter's variant is
-        # the optimizer's, not a param group's)
-        value = group[arg.name] if arg.name in group else getattr(optimizer.zfilter, arg.name)
+    for arg in info.args:  # the registry's defaults are what runs: in the param groups, or
+        # the optimizer's own (LookSAM's k, WSAM's γ) or its filter's (the variant)
+        if arg.name in group:
+            value = group[arg.name]
+        elif hasattr(optimizer, arg.name):
+            value = getattr(optimizer, arg.name)
+        else:
+            value = getattr(optimizer.zfilter, arg.name)
+        if arg.default is None:  # "none": resolved to its documented stand-in, never left None
+            assert value is not None or arg.name == "max_norm", arg.name
+            continue
         assert value == arg.default, arg.name
     for key, value in info.fixed.items():
         assert optimizer.param_groups[0][key] == value
     others = {a.name for i in OPTIMIZERS.values() if not i.is_base for a in i.args}
     for key in others - info.arg_names:
         with pytest.raises(ValueError, match=key):
-            create(name, params, **{key: 0.5})
+            create(name, zo.params_for(name, net), **{key: 0.5})
 
 
 @pytest.mark.parametrize("name", [n for n, i in OPTIMIZERS.items() if i.is_base])
@@ -313,9 +323,10 @@ def test_the_optimizer_library_imports_only_torch_and_numpy() -> None:
     probe = (
         "import sys, torch; before = {m.split('.')[0] for m in sys.modules}\n"
         "import zsharp.optim as zo\n"
-        "p = [torch.nn.Parameter(torch.randn(4, 4))]\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))\n"
+        "p = [next(m.parameters())]\n"
         "for name in zo.OPTIMIZERS:\n"
-        "    o = zo.create(name, p, lr=0.1)\n"
+        "    o = zo.create(name, zo.params_for(name, m), lr=0.1)\n"
         "    p[0].grad = torch.randn(4, 4)\n"
         "    o.step(lambda: (p[0] ** 2).sum().backward()) if hasattr(o, 'first_step') "
         "else o.step()\n"

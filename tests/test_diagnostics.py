@@ -64,21 +64,29 @@ def kwargs_for(name: str, variant: str | None) -> dict[str, Any]:
 def expected(
     opt: zo.SAM, model: nn.Module, grads: list[np.ndarray], directions: list[np.ndarray]
 ) -> dict[str, float]:
-    """The reference's diagnostics for this optimizer's groups and settings."""
-    rhos, adaptive = [], []
+    """The reference's diagnostics for this optimizer's groups and settings (``grads`` and
+    ``directions`` in the groups' order): ‖g‖ over every tensor, the rest over the
+    perturbed ones (SAM-ON's norm layers), with the variant's guard."""
+    rhos, adaptive, kept, i = [], [], [], 0
     for group in opt.param_groups:
-        rhos += [float(group["rho"])] * len(group["params"])
-        adaptive += [bool(group["adaptive"])] * len(group["params"])
+        n = len(group["params"])
+        if group.get("perturb", True):
+            kept += range(i, i + n)
+            rhos += [float(group["rho"])] * n
+            adaptive += [bool(group["adaptive"])] * n
+        i += n
+    weights = as_numpy(params_of(opt))
     group = opt.param_groups[0]
     return ref.diagnostics(
         grads,
-        directions,
-        as_numpy([p for g in opt.param_groups for p in g["params"]]),
+        [directions[i] for i in kept],
+        [weights[i] for i in kept],
         rhos,
         variant=getattr(opt, "variant", None),
         percentile=float(group.get("percentile", 95.0)),
         adaptive=adaptive,
         eta=float(group["eta"]),
+        eps=opt.norm_eps,
     )
 
 
@@ -106,15 +114,23 @@ def test_every_optimizer_matches_the_float64_reference(name: str, variant: str |
     model = small_model(1)
     kwargs: dict[str, Any] = {"sigma": 0.7, "lmbda": 0.8} if "fsam" in name else {}
     kwargs.update(kwargs_for(name, variant))
-    opt = zo.create(name, model.parameters(), lr=0.05, diagnostics=True, **kwargs)
+    opt = zo.create(name, zo.params_for(name, model), lr=0.05, diagnostics=True, **kwargs)
     n = sum(p.numel() for p in model.parameters())
     grads_per_step: list[list[np.ndarray]] = []
+    average: list[np.ndarray] = []  # VaSSO's d: d_1 = g_1, then (1 − θ)d + θg
     for step in range(3):
         backward(model, 10 + step)
-        grads = as_numpy([p.grad for p in model.parameters()])
+        grads = as_numpy([p.grad for p in params_of(opt)])
         grads_per_step.append(grads)
         if "fsam" in name:
             directions = ref.friendly_directions(grads_per_step, 0.7, 0.8)[-1]
+        elif "vasso" in name:
+            theta = float(opt.param_groups[0]["theta"])
+            if not average:
+                average = [x.copy() for x in grads]
+            else:
+                average = [(1 - theta) * a + theta * b for a, b in zip(average, grads, strict=True)]
+            directions = average
         else:
             directions = grads
         want = expected(opt, model, grads, directions)
@@ -133,7 +149,7 @@ def test_paper_epsilon_norm_is_rho_and_kept_fraction_is_the_rules(
     counted from an independent float64 Z-score over all eight tensor sizes."""
     model = small_model(2)
     kwargs = {"percentile": percentile} if name == "zsharp" else {}
-    opt = zo.create(name, model.parameters(), lr=0.1, rho=0.07, diagnostics=True, **kwargs)
+    opt = zo.create(name, zo.params_for(name, model), lr=0.1, rho=0.07, diagnostics=True, **kwargs)
     backward(model, 20)
     grads = as_numpy([p.grad for p in model.parameters()])
     opt.first_step()
@@ -182,7 +198,9 @@ def test_param_groups_asam_weights_scope(name: str, variant: str | None) -> None
 def test_bf16_parameters(name: str, variant: str | None) -> None:
     """bf16 gradients: norms accumulated in float32, ε built in float32 (‖ε‖ = ρ still)."""
     model = small_model(4, torch.bfloat16)
-    opt = zo.create(name, model.parameters(), lr=0.1, diagnostics=True, **kwargs_for(name, variant))
+    opt = zo.create(
+        name, zo.params_for(name, model), lr=0.1, diagnostics=True, **kwargs_for(name, variant)
+    )
     backward(model, 40)
     grads = as_numpy([p.grad for p in model.parameters()])
     want = expected(opt, model, grads, grads)
@@ -216,8 +234,8 @@ def test_grad_scaler_reports_the_unscaled_gradient(name: str, variant: str | Non
     model = small_model(6)
     twin = copy.deepcopy(model)
     kwargs = kwargs_for(name, variant)
-    opt = zo.create(name, model.parameters(), lr=0.1, diagnostics=True, **kwargs)
-    plain = zo.create(name, twin.parameters(), lr=0.1, diagnostics=True, **kwargs)
+    opt = zo.create(name, zo.params_for(name, model), lr=0.1, diagnostics=True, **kwargs)
+    plain = zo.create(name, zo.params_for(name, twin), lr=0.1, diagnostics=True, **kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     for step in range(2):
         backward(model, 60 + step, scaler)
@@ -269,8 +287,10 @@ def test_off_stores_and_computes_nothing_and_on_changes_no_weight(
     model = small_model(8)
     twin = copy.deepcopy(model)
     kwargs = kwargs_for(name, variant)
-    off = zo.create(name, model.parameters(), lr=0.1, momentum=0.9, **kwargs)
-    on = zo.create(name, twin.parameters(), lr=0.1, momentum=0.9, diagnostics=True, **kwargs)
+    off = zo.create(name, zo.params_for(name, model), lr=0.1, momentum=0.9, **kwargs)
+    on = zo.create(
+        name, zo.params_for(name, twin), lr=0.1, momentum=0.9, diagnostics=True, **kwargs
+    )
     assert off.record_diagnostics is False and on.record_diagnostics is True
     for step in range(2):
         counts = []
@@ -340,7 +360,9 @@ def test_device_tensors(name: str, variant: str | None) -> None:
     """The values are 0-d float32 tensors on the parameters' device, detached (no host sync
     either: tests/test_step.py inspects every optimizer's step with diagnostics on)."""
     model = small_model(11)
-    opt = zo.create(name, model.parameters(), lr=0.1, diagnostics=True, **kwargs_for(name, variant))
+    opt = zo.create(
+        name, zo.params_for(name, model), lr=0.1, diagnostics=True, **kwargs_for(name, variant)
+    )
     for step in range(2):  # the second F-SAM step takes the moving-average path
         backward(model, 110 + step)
         opt.first_step(zero_grad=True)

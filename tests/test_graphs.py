@@ -74,7 +74,7 @@ def build(
     if name == "sgd":
         optimizer = zo.create("sgd", model.parameters(), **kwargs)
     else:
-        optimizer = zo.create(name, model.parameters(), base=base, **kwargs)
+        optimizer = zo.create(name, zo.params_for(name, model), base=base, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     tensor_lr_(optimizer)
     return optimizer, scheduler

@@ -28,10 +28,11 @@ OPTIMIZERS = SHARPNESS_AWARE
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A model without BatchNorm: every sample's loss is independent of the others."""
+    """A model without BatchNorm: every sample's loss is independent of the others (its
+    LayerNorm normalises each sample alone, and gives SAM-ON something to perturb)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-    model.append(nn.Linear(16, 5))
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 16))
+    model.extend([nn.Tanh(), nn.Linear(16, 5)])
     return model.to(dtype)
 
 
@@ -54,12 +55,18 @@ def images(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make(key: str, model: nn.Module, **base: float) -> torch.optim.Optimizer:
     name, kwargs = OPTIMIZERS[key]
-    return zo.create(name, model.parameters(), base="sgd", **{"lr": 0.1, **base, **kwargs})
+    return zo.create(name, zo.params_for(name, model), base="sgd", **{"lr": 0.1, **base, **kwargs})
 
 
-def hand_step(model: nn.Module, opt: zo.SAM, x: torch.Tensor, y: torch.Tensor) -> None:
-    """The one-batch two-pass step, as the optimizers' docstrings write it."""
+def hand_step(
+    model: nn.Module, opt: zo.SAM, x: torch.Tensor, y: torch.Tensor, step: int = 0
+) -> None:
+    """The one-batch step, as the optimizers' docstrings write it: two passes, or one where
+    the optimizer's schedule says so (LookSAM between refreshes)."""
     F.cross_entropy(model(x), y).backward()
+    if not opt.takes_two_passes(step):
+        opt.base_step(zero_grad=True)
+        return
     opt.first_step(zero_grad=True)
     with zo.disable_running_stats(model):
         F.cross_entropy(model(x), y).backward()
@@ -92,7 +99,7 @@ def test_accumulation_equals_the_full_batch_step(key: str) -> None:
         x, y = data(seed, dtype=torch.float64)
         loss = step(x, y)
         torch.testing.assert_close(loss, F.cross_entropy(twin(x), y).detach())
-        hand_step(twin, twin_opt, x, y)
+        hand_step(twin, twin_opt, x, y, step=seed)
         assert_same_weights(model, twin, rtol=1e-12, atol=1e-12)
 
 
@@ -313,7 +320,13 @@ def test_no_host_sync_in_a_step(key: str) -> None:
     model = mlp(11)
     name, kwargs = OPTIMIZERS[key]
     optimizer = zo.create(
-        name, model.parameters(), base="sgd", lr=0.1, momentum=0.9, diagnostics=True, **kwargs
+        name,
+        zo.params_for(name, model),
+        base="sgd",
+        lr=0.1,
+        momentum=0.9,
+        diagnostics=True,
+        **kwargs,
     )
     step = SharpnessAwareStep(
         model, optimizer, F.cross_entropy, micro_batches=2, max_grad_norm=1.0, interval=2

@@ -65,7 +65,9 @@ def test_paired_comparison_states_holm_over_every_candidate() -> None:
             rows.append({"dataset": "d", "model": "m", "optimizer": label, "seed": seed,
                          "status": "ok", "final_test_acc": base + 0.003 * k + noise})  # fmt: skip
     seeds = pd.DataFrame(rows)
-    frame = paired_comparison(seeds, "sam", ["zsharp-p50", "zsharp-p90", "zsharp-p99"])
+    frame = paired_comparison(
+        seeds, [(c, "sam") for c in ("zsharp-p50", "zsharp-p90", "zsharp-p99")]
+    )
     p = frame["p_value"].to_numpy()
     # Holm by hand: order, multiply by m − rank, running maximum, cap at 1
     order = np.argsort(p)
@@ -286,8 +288,8 @@ def test_aggregate_command_refuses_a_bad_grid_in_one_line(
 
 def test_ablation_configs_validate() -> None:
     for name, cells, families in (
-        ("ablation.yaml", 78, {"zsharp": 7, "zsharp95": 5}),
-        ("ablation-digits.yaml", 16, {"zsharp": 4, "zsharp95": 3}),
+        ("ablation.yaml", 90, {"zsharp": 7, "zsharp95": 5}),
+        ("ablation-digits.yaml", 20, {"zsharp": 4, "zsharp95": 3}),
     ):
         grid = load_grid(yaml.safe_load((REPO / "config" / name).read_text()))
         assert len(grid.cells) == cells, name

@@ -3,7 +3,12 @@
 # cell whose last attempt hit a transient fault shows as MISSING (the next run retrains it).
 # The aggregate reads the grid's sweeps, comparison and published results from --grid: the
 # parts of the config that say them (so a runtime or W&B setting reruns nothing).
-from zsharp.pipeline.grid.expand import SENSITIVITY_PLOT, aggregate_document, sensitivity_plots
+from zsharp.pipeline.grid.expand import (
+    EPSILON_PLOT,
+    SENSITIVITY_PLOT,
+    aggregate_document,
+    sensitivity_plots,
+)
 
 SENSITIVITY = [
     (family, param, dataset, SENSITIVITY_PLOT.format(family=family, param=param, dataset=dataset))
@@ -58,6 +63,15 @@ rule aggregate:
             )
             for family, param, dataset, name in SENSITIVITY
         ],
+        epsilon=[
+            report(
+                f"{EXP}/plots/{EPSILON_PLOT.format(dataset=d, model=m)}",
+                caption="../report/accuracy_vs_epsilon.rst",
+                category="Plots",
+                labels={"plot": "accuracy vs ‖ε‖", "dataset": d, "model": m},
+            )
+            for d, m in DATASET_MODELS
+        ],
         curves=[
             report(
                 f"{EXP}/plots/curves_{d}_{m}.png",
@@ -75,11 +89,10 @@ rule aggregate:
     params:
         cells=lambda wildcards, input: shlex.join(str(Path(s).parent) for s in input.summaries),
         out=lambda wildcards, output: Path(output.table).parent,
-        compare=compare_args(),
         grid=shlex.quote(aggregate_document(config)),
         experiment=C["experiment"],
     shell:
-        "zsharp aggregate {params.cells} --out {params.out} {params.compare} "
+        "zsharp aggregate {params.cells} --out {params.out} "
         "--grid {params.grid} --experiment {params.experiment} > {log} 2>&1"
 
 

@@ -1,6 +1,7 @@
 # The config, its validation, and the grid of cells. Everything a rule needs to know about a
 # cell comes from zsharp.pipeline.grid.expand and its files' names from
 # zsharp.pipeline.cell.folder; the rules only name files and call the `zsharp` command line.
+import json
 import os
 import re
 import shlex
@@ -13,7 +14,7 @@ from snakemake.exceptions import WorkflowError
 from zsharp.data.prepared import check_prepared, dataset_dir, is_ready
 from zsharp.pipeline.cell import folder
 from zsharp.pipeline.cell.config import EVALUATE
-from zsharp.pipeline.grid.expand import grid_comparison, load_grid
+from zsharp.pipeline.grid.expand import load_grid
 from zsharp.pipeline.grid.schema import GridError
 
 # `configfile:` would merge a --configfile into the default one (grids would add up), so
@@ -137,6 +138,15 @@ ALL_CELLS = [f"{EXP}/cells/{cell.key}" for cell in GRID.cells]
 DATASET_MODELS = [(d, m) for d in C["datasets"] for m in C["models"]]
 
 
+def matched_flag(wildcards):
+    """`--matched JSON` for a matched control's cell: the entry it matches, the norm, ρ."""
+    matched = cell_of(wildcards).matched
+    if matched is None:
+        return ""
+    record = {k: matched[k] for k in ("entry", "norm", "rho")}
+    return f"--matched {shlex.quote(json.dumps(record, sort_keys=True))}"
+
+
 def download_source(wildcards):
     source = (C["datasets"][wildcards.dataset] or {}).get("source")
     return f"--source {shlex.quote(source)}" if source else ""
@@ -148,13 +158,6 @@ def evaluate_options():
     for arg in EVALUATE:
         flags += [f"--{arg.name.replace('_', '-')}", str(C["evaluate"][arg.name])]
     return shlex.join(flags)
-
-
-def compare_args():
-    baseline, candidates = grid_comparison(GRID)
-    if baseline is None:  # no SAM entry and no baseline named: no comparison
-        return "--candidates"
-    return shlex.join(["--baseline", baseline, "--candidates", *candidates])
 
 
 def report_failures():

@@ -28,6 +28,7 @@ rule train:
         attempt=lambda wildcards, attempt: attempt,
     params:
         cell=lambda wildcards: cell_of(wildcards).config_json(),
+        matched=matched_flag,
         out=lambda wildcards, output: Path(output.summary).parent,
         data=lambda wildcards, input: Path(input.data).parent.parent,
         failures=failures_so_far,
@@ -38,5 +39,6 @@ rule train:
         "zsharp train --config {params.cell:q} --out {params.out} --data-root {params.data} "
         "--label {wildcards.label} --key {wildcards.dataset}/{wildcards.model}/"
         "{wildcards.label}/seed{wildcards.seed} "
+        "{params.matched} "
         "--threads {threads} --processes {resources.processes} --progress lines --record-failure "
         "--attempt {resources.attempt} {params.attempts} >> {log} 2>&1"

@@ -95,6 +95,10 @@ class DatasetSpec:
         defaults: the training recipe for this dataset (any ``CellConfig`` field); read-only.
         aliases: other spellings :func:`get_spec` accepts.
         description: one line for help texts and the README.
+        noise_map: the class-dependent ("asymmetric") label noise of this dataset, as
+            (source class, target class) pairs: each label of a source class becomes its
+            target with the noise rate's probability (Patrini et al. 2017 for CIFAR-10);
+            empty: no such noise is defined.
     """
 
     name: str
@@ -110,6 +114,7 @@ class DatasetSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
     aliases: tuple[str, ...] = ()
     description: str = ""
+    noise_map: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if _canonical(self.name) != self.name or not self.name:
@@ -229,6 +234,9 @@ register_dataset(
         prepare="zsharp.data.formats:parse_cifar10",
         defaults=_IMAGE_DEFAULTS,
         description="CIFAR-10: 50,000 train / 10,000 test 32×32 RGB images, 10 classes",
+        # Patrini et al. 2017 (giorgiop/loss-correction, noise.py): truck → automobile,
+        # bird → airplane, deer → horse, cat ↔ dog
+        noise_map=((9, 1), (2, 0), (4, 7), (3, 5), (5, 3)),
     )
 )
 register_dataset(

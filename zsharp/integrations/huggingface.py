@@ -62,6 +62,7 @@ from zsharp.optim.step import (
     check_ddp_mode,
     check_whole_tensors,
     is_sharpness_aware,
+    sharpness_aware_at,
     two_pass_step,
 )
 
@@ -219,7 +220,9 @@ class SharpnessAwareTrainer(Trainer):
             optimizer,
             model,
             passes,
-            sharpness_aware=self.state.global_step % self.sharpness_interval == 0,
+            sharpness_aware=sharpness_aware_at(
+                optimizer, self.state.global_step, self.sharpness_interval
+            ),
             grad_scaler=scaler,
             max_grad_norm=self.args.max_grad_norm if self.args.max_grad_norm > 0 else None,
             ddp=self.ddp,

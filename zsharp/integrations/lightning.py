@@ -63,6 +63,7 @@ from zsharp.optim.step import (
     check_whole_tensors,
     is_sharpness_aware,
     micro_batches_of,
+    sharpness_aware_at,
     two_pass_step,
 )
 
@@ -129,7 +130,7 @@ def sharpness_aware_training_step(
         optimizer,
         module,
         passes,
-        sharpness_aware=trainer.global_step % interval == 0,
+        sharpness_aware=sharpness_aware_at(optimizer, trainer.global_step, interval),
         grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
         max_grad_norm=max_grad_norm,
         ddp=ddp,

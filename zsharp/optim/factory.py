@@ -52,3 +52,13 @@ def create(name: str, params: ParamsT, **kwargs: Any) -> Optimizer:
     except ArgError as error:
         raise ValueError(str(error)) from None
     return info.load()(params, base, **{**info.defaults, **own, **info.fixed, **others})
+
+
+def params_for(name: str, model: Any) -> ParamsT:
+    """What ``create(name, …)`` takes for ``model``: its parameters, or the param groups the
+    optimizer needs (SAM-ON: :func:`~zsharp.optim.samon.normalization_groups`)."""
+    if get_optimizer(name).groups == "normalization":
+        from zsharp.optim.samon import normalization_groups
+
+        return normalization_groups(model)
+    return model.parameters()

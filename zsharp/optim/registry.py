@@ -44,6 +44,9 @@ class OptimizerInfo:
     is_base: bool = False
     description: str = ""
     reference: str = ""
+    #: how a training loop groups a model's parameters for it: "all" (one group), or
+    #: "normalization" (zsharp.optim.samon.normalization_groups: SAM-ON's)
+    groups: str = "all"
 
     @property
     def arg_names(self) -> frozenset[str]:
@@ -140,6 +143,45 @@ LMBDA = Arg(
     exclusive_maximum=True,
 )  # fmt: skip
 
+GSAM_ARGS = (
+    _rho(0.05),
+    Arg("rho_min", "number", None, "GSAM's ρ at lr_min (null: rho, a constant radius)",
+        minimum=0, nullable=True),
+    Arg("alpha", "number", 0.4, "GSAM's α: share of the gradient's component orthogonal "
+        "to the perturbed one removed from the descent", minimum=0),
+    Arg("lr_max", "number", None, "GSAM: the learning rate of radius rho (null: the base "
+        "learning rate)", minimum=0, nullable=True),
+    Arg("lr_min", "number", 0.0, "GSAM: the learning rate of radius rho_min", minimum=0),
+    ADAPTIVE,
+    _eta(0.0),
+)  # fmt: skip
+LOOKSAM_ARGS = (
+    _rho(0.1),
+    Arg("k", "integer", 5, "LookSAM: a SAM step every k-th step, its direction reused "
+        "in between", minimum=1),
+    Arg("alpha", "number", 0.7, "LookSAM's α: weight of the reused direction", minimum=0),
+    ADAPTIVE,
+    _eta(0.0),
+)  # fmt: skip
+WSAM_ARGS = (
+    _rho(0.05),
+    Arg("gamma", "number", 0.9, "WSAM's γ: weight of sharpness in the loss, α = γ/(1−γ)",
+        minimum=0, maximum=1, exclusive_maximum=True),
+    Arg("decouple", "boolean", True, "WSAM: the base optimizer steps with g, the "
+        "sharpness term apart"),
+    Arg("max_norm", "number", None, "WSAM: clip g and the perturbed gradient each to this "
+        "2-norm (null: off)", minimum=0, exclusive_minimum=True, nullable=True),
+    ADAPTIVE,
+    _eta(0.0),
+)  # fmt: skip
+VASSO_ARGS = (
+    _rho(0.05),
+    Arg("theta", "number", 0.9, "VaSSO's θ: weight of the newest gradient in the "
+        "averaged ascent direction", minimum=0, maximum=1),
+    ADAPTIVE,
+    _eta(0.0),
+)  # fmt: skip
+SAMON_ARGS = (_rho(0.5), ADAPTIVE, _eta(0.0))
 SAM_ARGS = (_rho(0.05), ADAPTIVE, _eta(0.0))
 ASAM_ARGS = (_rho(0.5), _eta(0.01))  # ASAM's own radius (Kwon et al. 2021), adaptive fixed
 ZSCORE_ARGS = (PERCENTILE, VARIANT)
@@ -149,6 +191,29 @@ _SAM_PAPER = "Foret et al. 2021, arXiv 2010.01412"
 _ASAM_PAPER = "Kwon et al. 2021, arXiv 2102.11600"
 _FSAM_PAPER = "Li et al. 2024, arXiv 2403.12350"
 _ZSHARP_PAPER = "arXiv 2505.02369"
+_GSAM_PAPER = "Zhuang et al. 2022, arXiv 2203.08065"
+_LOOKSAM_PAPER = "Liu et al. 2022, arXiv 2203.02714"
+_WSAM_PAPER = "Yue et al. 2023, arXiv 2305.15817"
+_VASSO_PAPER = "Li & Giannakis 2023, arXiv 2309.15639"
+_SAMON_PAPER = "Mueller et al. 2023, arXiv 2306.04226"
+
+# The SAM family beyond SAM, ASAM and Friendly-SAM: (name, class, its arguments, what,
+# reference, how a loop groups the parameters); each also registered with the Z-score filter
+# on its ascent as "zsharp-<name>"
+_FAMILY = (
+    ("gsam", "GSAM", GSAM_ARGS, "GSAM: descent without the gradient's component orthogonal "
+     "to the perturbed one; ρ tied to the LR", _GSAM_PAPER, "all"),
+    ("looksam", "LookSAM", LOOKSAM_ARGS, "LookSAM: a SAM step every k steps, its "
+     "orthogonal direction reused in between", _LOOKSAM_PAPER, "all"),
+    ("wsam", "WSAM", WSAM_ARGS, "WSAM: sharpness weighted by γ/(1−γ) as a regulariser",
+     _WSAM_PAPER, "all"),
+    ("vasso", "VaSSO", VASSO_ARGS, "VaSSO: ascent along a moving average of the gradient",
+     _VASSO_PAPER, "all"),
+    ("sam-on", "SAMON", SAMON_ARGS, "SAM-ON: only the normalisation layers perturbed",
+     _SAMON_PAPER, "normalization"),
+)  # fmt: skip
+_MODULES = {"GSAM": "gsam", "LookSAM": "looksam", "WSAM": "wsam", "VaSSO": "vasso",
+            "SAMON": "samon"}  # fmt: skip
 
 for _info in (
     OptimizerInfo("sgd", "torch.optim:SGD", _SGD_ARGS, is_base=True,
@@ -174,3 +239,14 @@ for _info in (
                   reference=_ZSHARP_PAPER),
 ):  # fmt: skip
     register_optimizer(_info)
+
+for _name, _cls, _args, _what, _paper, _groups in _FAMILY:
+    register_optimizer(OptimizerInfo(
+        _name, f"zsharp.optim.{_MODULES[_cls]}:{_cls}", _args, description=_what,
+        reference=_paper, groups=_groups,
+    ))  # fmt: skip
+    register_optimizer(OptimizerInfo(
+        f"zsharp-{_name}", f"zsharp.optim.zsharp:ZSharp{_cls}", _args + ZSCORE_ARGS,
+        description=f"ZSharp on {_what.split(':')[0]}", reference=f"{_ZSHARP_PAPER}; {_paper}",
+        groups=_groups,
+    ))  # fmt: skip

@@ -100,6 +100,15 @@ def global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in tensor_norms(tensors)]))
 
 
+def global_inner(a: list[Tensor], b: list[Tensor], device: torch.device) -> Tensor:
+    """⟨a, b⟩ = Σ_i sum(a_i ⊙ b_i) over every tensor, a 0-d tensor on ``device``,
+    accumulated in float32 at least (float64 for float64 tensors), without a host sync."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
+    return torch.stack(
+        [torch.sum(x * y, dtype=dtype).to(device) for x, y in zip(a, b, strict=True)]
+    ).sum()
+
+
 def scale_(tensors: list[Tensor], factor: Tensor) -> None:
     """tensors ← factor · tensors for a 0-d ``factor``, on whichever devices they live."""
     for (device, dtype), group in _by_device(tensors).items():
@@ -170,11 +179,16 @@ def _active(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
 class AscentGroup:
     """One param group's part in a step: its tensors with a gradient, ρ, T and direction d."""
 
-    def __init__(self, group: dict[str, Any]) -> None:
+    def __init__(
+        self, group: dict[str, Any], rho: float | Tensor | None = None, eps: float = NORM_EPS
+    ) -> None:
         self.group = group
+        self.eps = eps  # the guard of ε's normalisation (the variant's reference's)
         self.params = [p for p in group["params"] if p.grad is not None]
         self.grads = [p.grad for p in self.params]
-        self.rho = float(group["rho"])
+        # ρ of this step: the group's, or a variant's (GSAM's ρ_t, a device tensor with a
+        # tensor learning rate)
+        self.rho: float | Tensor = float(group["rho"]) if rho is None else rho
         self.direction: list[Tensor] = self.grads  # d, set by SAM._direction
         # T = |w| + η (ASAM), or None for T = 1
         self.scale: list[Tensor] | None = None
@@ -225,7 +239,7 @@ def sam_epsilon(
     epsilon: list[Tensor] = []
     for group, s in zip(groups, scaled, strict=True):
         group.times_scale_(s)
-        scale_(s, group.rho / (norm + NORM_EPS))
+        scale_(s, group.rho / (norm + group.eps))
         epsilon.extend(s)
     return epsilon
 
@@ -301,9 +315,12 @@ class SAM(Optimizer):
     ``keeps_ascent_gradient``, from g).
     """
 
+    #: the guard ε in ρ·d/(‖d‖ + ε): 1e-12 as davda54/sam; a variant sets its reference's
+    norm_eps: float = NORM_EPS
     #: keep g = ∇L(w) of ``first_step`` for the ``_descent`` hook (``DescentGroup.ascent_grads``):
     #: references to the gradient tensors ``first_step(zero_grad=True)`` drops anyway, a copy
-    #: only when the caller keeps using ``.grad``
+    #: only when the caller keeps using ``.grad``. Such a variant's descent needs the same g
+    #: on every rank, so it refuses DDP's m-sharpness (each rank's own g).
     keeps_ascent_gradient: bool = False
 
     def __init__(
@@ -333,6 +350,12 @@ class SAM(Optimizer):
         }
         super().__init__(params, defaults)  # checks each group (add_param_group)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        shared = sorted(set(self._extra_defaults()) & set(self.base_optimizer.defaults))
+        if shared:  # one key of the shared param groups, two meanings
+            raise ValueError(
+                f"{type(self).__name__} and its base optimizer "
+                f"{base_optimizer.__name__} both use the param-group key {shared[0]!r}"
+            )
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         # w, saved by first_step and restored by second_step; never part of state_dict
@@ -396,24 +419,30 @@ class SAM(Optimizer):
         scaler = _active(grad_scaler)
         if scaler is not None:
             scaler.unscale_(self)  # its own record, apart from the base optimizer's
-        groups = [g for g in map(AscentGroup, self.param_groups) if g.params]
-        params = [p for g in groups for p in g.params]
-        if not params:
+        eps = self.norm_eps
+        groups = [AscentGroup(group, self._radius(group), eps) for group in self.param_groups]
+        groups = [group for group in groups if group.params]
+        every = [p for g in groups for p in g.params]  # every tensor with a gradient
+        if not every:
             raise RuntimeError("first_step() found no gradient: call loss.backward() first")
-        device = params[0].device
+        # groups with perturb=False descend but are never perturbed (SAM-ON's non-norm ones)
+        groups = [group for group in groups if group.group.get("perturb", True)]
+        params = [p for g in groups for p in g.params]
+        device = every[0].device
         record = self.record_diagnostics
         grad_norm = None
         if scaler is not None or record:
-            grad_norm = global_norm([p.grad for p in params], device)
+            grad_norm = global_norm([p.grad for p in every], device)
         if scaler is not None:
             self._finite = torch.isfinite(grad_norm)
         for group in groups:
             group.direction = self._direction(group)
+        partial = len(params) < len(every)
         if record:
-            stats = {"direction_norm": self._direction_norm(groups, grad_norm, device)}
-            epsilon = self._epsilon(groups, device, stats=stats)
+            stats = {"direction_norm": self._direction_norm(groups, grad_norm, device, partial)}
+            epsilon = self._epsilon(groups, device, stats=stats) if groups else []
         else:
-            epsilon = self._epsilon(groups, device)
+            epsilon = self._epsilon(groups, device) if groups else []
         if self._finite is not None:  # overflow: no perturbation (NaN·0 is NaN: masked_fill)
             overflow = self._finite.logical_not()
             for e in epsilon:
@@ -422,13 +451,14 @@ class SAM(Optimizer):
             self._diagnostics = self._measure(groups, epsilon, grad_norm, stats, device)
         # w is copied only now, with the temporaries of ε freed: the peak stays at w, g, ε
         # and the copy, as for plain SAM
-        self._saved_weights = torch._foreach_mul(params, 1.0)  # exact copy, -0.0 kept
+        self._saved_weights = torch._foreach_mul(params, 1.0) if params else []  # exact, -0.0 kept
         self._perturbed_params = params
-        torch._foreach_add_(params, epsilon)
+        if params:
+            torch._foreach_add_(params, epsilon)
         if self.keeps_ascent_gradient:  # the tensors themselves when .grad lets go of them
             self._ascent_grads = {
                 id(p): p.grad if zero_grad else p.grad.clone()
-                for p in params  # type: ignore[union-attr]
+                for p in every  # type: ignore[union-attr]
             }
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -450,7 +480,8 @@ class SAM(Optimizer):
         """
         if self._saved_weights is None:
             raise RuntimeError("second_step() called without first_step()")
-        torch._foreach_copy_(self._perturbed_params, self._saved_weights)
+        if self._perturbed_params:
+            torch._foreach_copy_(self._perturbed_params, self._saved_weights)
         self._saved_weights, self._perturbed_params = None, []
         if _active(grad_scaler) is not None:
             # before unscaling: the scaler's overflow check then sees the first pass too
@@ -485,12 +516,15 @@ class SAM(Optimizer):
         max_grad_norm: float | None,
     ) -> None:
         ascent = self._ascent_grads if sharpness_aware else None
+        groups: list[DescentGroup] = []
 
         def adjust() -> None:
-            groups = [DescentGroup(g, ascent) for g in self.param_groups]
-            self._descent([g for g in groups if g.params], sharpness_aware)
+            built = (DescentGroup(group, ascent) for group in self.param_groups)
+            groups.extend(group for group in built if group.params)
+            self._descent(groups, sharpness_aware)
 
         descend(self.base_optimizer, grad_scaler, max_grad_norm, adjust)
+        self._after_descent(groups, sharpness_aware)
         # LR schedulers attached to this wrapper check that its step ran before theirs.
         self._opt_called = True
 
@@ -520,6 +554,23 @@ class SAM(Optimizer):
         return loss if loss is not None else perturbed_loss
 
     # --- hooks for variants ---------------------------------------------------------------
+
+    def takes_two_passes(self, step: int) -> bool:
+        """Whether the loop's step ``step`` (0-based) is a sharpness-aware one: every step
+        for SAM; LookSAM's every k-th. The loops (``SharpnessAwareStep``, the pipeline's
+        trainer, the integrations) ask this besides their own ``interval``; a step for
+        which it is False is a :meth:`base_step`."""
+        return True
+
+    def _radius(self, group: dict[str, Any]) -> float | Tensor | None:
+        """ρ of this step for ``group`` (None: the group's ``rho``); GSAM ties it to the
+        learning rate."""
+        return None
+
+    def _after_descent(self, groups: list[DescentGroup], sharpness_aware: bool) -> None:
+        """After the base optimizer's step (WSAM's decoupled sharpness update). The groups
+        are those :meth:`_descent` saw; a step the GradScaler skipped must be skipped here
+        too (a non-finite gradient tells it, without a host sync)."""
 
     def _descent(self, groups: list[DescentGroup], sharpness_aware: bool) -> None:
         """The descent gradient, formed in place in each group's ``grads``.
@@ -559,10 +610,11 @@ class SAM(Optimizer):
 
     @staticmethod
     def _direction_norm(
-        groups: list[AscentGroup], grad_norm: Tensor, device: torch.device
+        groups: list[AscentGroup], grad_norm: Tensor, device: torch.device, partial: bool
     ) -> Tensor:
-        """‖d‖, which is ‖g‖ (already computed) unless a variant changed the direction."""
-        if all(group.direction is group.grads for group in groups):
+        """‖d‖ of the perturbed tensors: ‖g‖ (already computed) unless a variant changed the
+        direction or some tensors are not perturbed (``partial``)."""
+        if not partial and all(group.direction is group.grads for group in groups):
             return grad_norm
         return global_norm([d for group in groups for d in group.direction], device)
 
@@ -599,6 +651,8 @@ class SAM(Optimizer):
         """Validate the sharpness-aware hyperparameters of one param group."""
         check_nonnegative("rho", group["rho"])
         check_nonnegative("eta", group["eta"])
+        if not isinstance(group.get("perturb", True), bool):
+            raise ValueError(f"perturb must be true or false, got {group['perturb']!r}")
         if self.zfilter is not None:
             self.zfilter.check_group(group)
 

@@ -89,6 +89,19 @@ def is_sharpness_aware(optimizer: Optimizer) -> bool:
     return isinstance(optimizer, SAM)
 
 
+def sharpness_aware_at(optimizer: Optimizer, step: int, interval: int = 1) -> bool:
+    """Whether a loop's step ``step`` (0-based) takes two passes: a sharpness-aware
+    optimizer's, every ``interval``-th step, and only where the optimizer's own schedule
+    (:meth:`SAM.takes_two_passes`, LookSAM's k) says so."""
+    return isinstance(optimizer, SAM) and step % interval == 0 and optimizer.takes_two_passes(step)
+
+
+def _descends_with_ascent_gradient(optimizer: Optimizer) -> bool:
+    """A variant whose descent uses g = ∇L(w), on several processes."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return distributed and bool(getattr(optimizer, "keeps_ascent_gradient", False))
+
+
 def check_ddp_mode(ddp: str) -> DDPMode:
     """Return ``ddp`` if it names a DDP semantics, else raise a ValueError naming the key."""
     if ddp not in DDP_MODES:
@@ -231,6 +244,12 @@ def two_pass_step(
     model.zero_grad(set_to_none=True)
     optimizer.zero_grad(set_to_none=True)
     two_pass = sharpness_aware and is_sharpness_aware(optimizer)
+    if two_pass and ddp == "m-sharpness" and _descends_with_ascent_gradient(optimizer):
+        raise ValueError(
+            "ddp: m-sharpness gives every rank its own gradient at w, but "
+            f"{type(optimizer).__name__}'s descent uses that gradient and would differ "
+            "between ranks (their weights would drift apart); use ddp='synced'"
+        )
     # (a) synced ascent: the last micro-batch all-reduces the accumulated gradient;
     # (b) m-sharpness: no all-reduce, each rank keeps its own gradient for ε
     losses, outputs = _run(passes, no_sync, sync_last=not two_pass or ddp == "synced")
@@ -426,7 +445,7 @@ class SharpnessAwareStep:
     @property
     def sharpness_aware_next(self) -> bool:
         """Whether the next call takes a two-pass step."""
-        return is_sharpness_aware(self.optimizer) and self.steps % self.interval == 0
+        return sharpness_aware_at(self.optimizer, self.steps, self.interval)
 
     def __call__(self, inputs: Batch, targets: Batch) -> Tensor:
         """One optimizer step on the batch; returns its mean loss at w (detached)."""

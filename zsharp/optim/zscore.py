@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zsharp.optim.sam import NORM_EPS, AscentGroup, global_norm, sam_epsilon, tensor_norms
+from zsharp.optim.sam import AscentGroup, global_norm, sam_epsilon, tensor_norms
 
 Variant = Literal["paper", "official"]
 VARIANTS: tuple[str, ...] = ("paper", "official")
@@ -338,7 +338,7 @@ class ZScoreFilter:
                     used_norms.append(
                         torch.where(nonzero, tilde_norm, d_norm.to(tilde_norm)).to(device)
                     )
-                radius = group.rho / (torch.linalg.vector_norm(td) + NORM_EPS)
+                radius = group.rho / (torch.linalg.vector_norm(td) + group.eps)
                 a = torch.where(nonzero, radius, 0.0)
                 # ε_ℓ = a·T²d̃ where d̃ ≠ 0, else the SAM share already in `share`
                 td.mul_(a.to(td.dtype))

@@ -5,7 +5,9 @@ the gradient entries whose |z| is in the top (100 − p) % (Eq. 4–6) and ZShar
 along that filtered gradient: ε = ρ·g̃/‖g̃‖ (Eq. 7). The descent step uses the full
 gradient at w + ε. The filter composes with every SAM variant here: ``ZSharp`` is
 ``SAM(zfilter=ZScoreFilter(p, variant))``, ``ZSharp(adaptive=True)`` is ZSharp-on-ASAM and
-``ZSharpFriendly`` is ``FriendlySAM(zfilter=…)``, ZSharp-on-Friendly-SAM.
+``ZSharpFriendly`` is ``FriendlySAM(zfilter=…)``, ZSharp-on-Friendly-SAM; ``ZSharpGSAM``,
+``ZSharpLookSAM``, ``ZSharpWSAM``, ``ZSharpVaSSO`` and ``ZSharpSAMON`` the same on the rest
+of the family (:func:`z_filtered`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from typing import Any
 from torch.optim import Optimizer
 
 from zsharp.optim.friendly import FriendlySAM
+from zsharp.optim.gsam import GSAM
+from zsharp.optim.looksam import LookSAM
 from zsharp.optim.sam import SAM, ParamsT
+from zsharp.optim.samon import SAMON
+from zsharp.optim.vasso import VaSSO
+from zsharp.optim.wsam import WSAM
 from zsharp.optim.zscore import Variant, ZScoreFilter
 
 
@@ -87,3 +94,32 @@ class ZSharpFriendly(_Filtered, FriendlySAM):
         super().__init__(
             params, base_optimizer, rho, sigma, lmbda, adaptive, eta, zfilter=zfilter, **base_kwargs
         )
+
+
+def z_filtered(cls: type[SAM]) -> type[SAM]:
+    """``cls`` with the Z-score filter on its ascent: ``cls``'s arguments plus
+    ``percentile`` and ``variant`` (ZSharp on that variant; its descent is ``cls``'s)."""
+
+    class Filtered(_Filtered, cls):  # type: ignore[valid-type, misc]
+        def __init__(
+            self,
+            params: ParamsT,
+            base_optimizer: type[Optimizer],
+            *args: Any,
+            percentile: float = 95.0,
+            variant: Variant = "paper",
+            **kwargs: Any,
+        ) -> None:
+            zfilter = ZScoreFilter(percentile, variant)
+            super().__init__(params, base_optimizer, *args, zfilter=zfilter, **kwargs)
+
+    Filtered.__name__ = Filtered.__qualname__ = f"ZSharp{cls.__name__}"
+    Filtered.__doc__ = f"ZSharp on {cls.__name__}: {cls.__name__} whose ascent is Z-score filtered."
+    return Filtered
+
+
+ZSharpGSAM = z_filtered(GSAM)
+ZSharpLookSAM = z_filtered(LookSAM)
+ZSharpWSAM = z_filtered(WSAM)
+ZSharpVaSSO = z_filtered(VaSSO)
+ZSharpSAMON = z_filtered(SAMON)

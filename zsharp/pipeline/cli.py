@@ -76,6 +76,16 @@ def _processes(text: str) -> int:
     return int(text)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -253,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--label", default=None, help="the grid's optimizer entry (default: the optimizer)"
     )
     run.add_argument("--key", default=None, help="the cell's key in its grid, for the summary")
+    run.add_argument(
+        "--matched",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="a matched control's record for the summary: the entry whose perturbation norm "
+        "this cell's rho equals, the norm, rho (the workflow passes it)",
+    )
     _add_wandb_arguments(train, named=True)
 
     evaluate = commands.add_parser(
@@ -378,6 +396,7 @@ def _train(args: argparse.Namespace) -> int:
         wandb_name=args.wandb_name,
         label=args.label,
         key=args.key,
+        matched=args.matched,
     )
     rt.validate()
     resolve_mode(rt.wandb_mode), resolve_timeout()

@@ -37,6 +37,7 @@ import pandas as pd
 
 from zsharp.atomic import DirectoryLock, remove_stale_temps
 from zsharp.pipeline.aggregate.plots import (
+    plot_accuracy_vs_epsilon,
     plot_accuracy_vs_sharpness,
     plot_curves,
     plot_final_accuracy,
@@ -51,9 +52,11 @@ from zsharp.pipeline.aggregate.stats import (
 )
 from zsharp.pipeline.aggregate.tables import markdown, write_csv, write_markdown
 from zsharp.pipeline.grid.expand import (
+    EPSILON_PLOT,
     SENSITIVITY_PLOT,
     Grid,
     comparison,
+    comparison_pairs,
     grid_comparison,
     sensitivity_plots,
 )
@@ -76,18 +79,26 @@ def aggregate(
     enough) adds the sensitivity plots of its swept entries and its published results.
     """
     seeds, curves = seed_rows(cells)
-    if grid is not None and baseline is None and candidates is None:
-        baseline, chosen_by_grid = grid_comparison(grid)
-        candidates = chosen_by_grid if baseline is not None else None
     entries = dict(zip(seeds["optimizer"], seeds["method"].astype(str), strict=True))
-    base, chosen = comparison(entries, baseline, None if candidates is None else list(candidates))
+    if grid is not None and baseline is None and candidates is None:
+        pairs = comparison_pairs(grid)
+        base, _ = grid_comparison(grid)  # the sensitivity plots' level (None if swept)
+    else:
+        base, chosen = comparison(
+            entries, baseline, None if candidates is None else list(candidates)
+        )
+        pairs = [(c, base) for c in chosen] if base is not None else []
     table = cell_table(seeds)
+    matches = {}
+    if "matches" in seeds:
+        matched = seeds[seeds["matches"].notna()]
+        matches = dict(zip(matched["optimizer"], matched["matches"], strict=True))
     frames = {
         "seeds": seeds,
         "table": table,
-        "comparison": paired_comparison(seeds, base or baseline, chosen),
+        "comparison": paired_comparison(seeds, pairs, matches=matches),
         "published": published_table(table, grid.published if grid else []),
-        "sensitivity": sensitivity_frame(table, grid.sweeps if grid else {}, base or baseline),
+        "sensitivity": sensitivity_frame(table, grid.sweeps if grid else {}, base),
     }
     plots = sensitivity_plots(grid) if grid is not None else []
     out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +130,9 @@ def _write_all(
     for dataset, model in dict.fromkeys(zip(seeds["dataset"], seeds["model"], strict=True)):
         plot_curves(curves, plots, dataset, model)
     plot_final_accuracy(table, plots / "final_accuracy.png")
+    for dataset, model in dict.fromkeys(zip(table["dataset"], table["model"], strict=True)):
+        path = plots / EPSILON_PLOT.format(dataset=dataset, model=model)
+        plot_accuracy_vs_epsilon(table, dataset, model, path)
     plot_accuracy_vs_sharpness(seeds, plots / "accuracy_vs_sharpness.png")
     drawn = {}
     for family, param, dataset in sensitivity:

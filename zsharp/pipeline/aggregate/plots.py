@@ -153,6 +153,34 @@ def plot_accuracy_vs_sharpness(seeds: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_accuracy_vs_epsilon(table: pd.DataFrame, dataset: str, model: str, path: Path) -> None:
+    """Final test accuracy (mean ± std over seeds) of every entry of one dataset and model
+    against its mean perturbation norm ‖ε‖ (± std): does accuracy follow the perturbation
+    size, or the filter? Entries without an ascent (SGD, Adam) are a dashed level."""
+    part = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (_, row) in enumerate(part.iterrows()):
+        y, yerr = row["final_test_acc_mean"] * 100, row["final_test_acc_std"] * 100
+        color = f"C{i % 10}"
+        if pd.isna(row.get("epsilon_norm_mean")):
+            if not pd.isna(y):
+                ax.axhline(y, color=color, linestyle="--", linewidth=1, label=row["optimizer"])
+            continue
+        ax.errorbar(
+            row["epsilon_norm_mean"], y, xerr=np.nan_to_num(row["epsilon_norm_std"]),
+            yerr=np.nan_to_num(yerr), marker="o", capsize=3, color=color, label=row["optimizer"],
+        )  # fmt: skip
+    values = part["epsilon_norm_mean"].dropna()
+    if log_axis(list(values)):
+        ax.set_xscale("log")
+    ax.set(xlabel="perturbation norm ‖ε‖ (mean over the last epoch's steps)",
+           ylabel="final test accuracy (%)", title=f"{dataset} / {model}")  # fmt: skip
+    if not part.empty:
+        ax.legend(fontsize="x-small", ncols=2)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -28,6 +28,7 @@ METRICS = (
     "sharpness",
     "final_train_loss",
     "train_seconds",
+    "epsilon_norm",  # ‖ε‖, the last epoch's mean over its sharpness-aware steps
 )
 CELL = ["dataset", "model", "optimizer"]
 
@@ -91,9 +92,12 @@ def _row(cell: Path, warn: list[str]) -> dict[str, Any] | None:
     error = str(summary.get("error", ""))
     if status == "failed" and summary.get("transient"):  # no result: the next run retries
         status = "missing"
+    matched = summary.get("matched")
     row: dict[str, Any] = {
         "dataset": dataset, "model": model, "optimizer": label, "seed": seed,
         "method": summary["config"].get("optimizer", label), "status": status, "error": error,
+        # a matched control: the entry whose ‖ε‖ its ρ equals
+        "matches": matched.get("entry") if isinstance(matched, dict) else None,
     }  # fmt: skip
     if status != "ok":
         return row
@@ -111,6 +115,7 @@ def _row(cell: Path, warn: list[str]) -> dict[str, Any] | None:
             "train_seconds": float(summary["train_seconds"]),
             "ece": evaluation.get("ece", math.nan),
             "sharpness": evaluation.get("sharpness", math.nan),
+            "epsilon_norm": _number(final.get("epsilon_norm")),
         }
     except (KeyError, TypeError, ValueError) as error:
         reason = f"{cell / folder.SUMMARY}: a result without {error}"
@@ -134,6 +139,11 @@ def _curve(cell: Path, row: dict[str, Any], warn: list[str]) -> list[dict[str, A
     except (OSError, ValueError, KeyError, TypeError) as error:
         warn.append(f"{cell / folder.METRICS}: unreadable ({error}); no curve for this seed")
         return []
+
+
+def _number(value: object) -> float:
+    """A recorded number, NaN where there is none (a base optimizer has no ‖ε‖)."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def seed_rows(cells: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -34,45 +34,56 @@ def cell_table(seeds: pd.DataFrame) -> pd.DataFrame:
     return table.merge(stats_frame.reset_index(), on=CELL, how="left")
 
 
+COMPARISON_COLUMNS = [
+    "dataset", "model", "candidate", "baseline", "control", "metric", "pairs", "mean_diff",
+    "std_diff", "ci95_low", "ci95_high", "wins", "p_value",
+]  # fmt: skip
+
+
 def paired_comparison(
-    seeds: pd.DataFrame, baseline: str, candidates: Sequence[str], metric: str = "final_test_acc"
+    seeds: pd.DataFrame,
+    comparisons: Sequence[tuple[str, str]],
+    metric: str = "final_test_acc",
+    matches: dict[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Candidate minus baseline, paired by seed, per dataset and model."""
+    """Candidate minus baseline, paired by seed, per dataset and model: the mean difference,
+    its std, its 95 % confidence interval (Student's t over the pairs: mean ±
+    t(0.975, n − 1)·std/√n), the wins and a two-sided paired t-test's p.
+
+    ``matches`` (matched entry → the entry it matches) adds, for each candidate that a
+    matched control matches, the candidate minus that control (``control`` names it: the
+    baseline whose ‖ε‖ equals the candidate's). ``comparisons``: (candidate, baseline)
+    pairs of entries."""
+    pairs = [(c, b, "") for c, b in comparisons]
+    candidates = {c for c, _ in comparisons}
+    for control, target in (matches or {}).items():
+        if target in candidates:
+            pairs.append((target, control, "matched ‖ε‖"))
     ok = seeds[seeds["status"] == "ok"]
     rows = []
     for (dataset, model), group in ok.groupby(["dataset", "model"], sort=False):
-        base = group[group["optimizer"] == baseline].set_index("seed")[metric]
-        for candidate in candidates:
+        for candidate, base_label, control in pairs:
+            base = group[group["optimizer"] == base_label].set_index("seed")[metric]
             cand = group[group["optimizer"] == candidate].set_index("seed")[metric]
             common = base.index.intersection(cand.index)
             if len(common) == 0:
                 continue
             diff = (cand[common] - base[common]).to_numpy(dtype=float)
-            p_value = math.nan
-            if len(diff) >= 2 and np.std(diff) > 0:
-                p_value = float(stats.ttest_rel(cand[common], base[common]).pvalue)
+            p_value, low, high = math.nan, math.nan, math.nan
+            std = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+            if len(diff) >= 2:
+                half = float(stats.t.ppf(0.975, len(diff) - 1)) * std / math.sqrt(len(diff))
+                low, high = float(diff.mean()) - half, float(diff.mean()) + half
+                if np.std(diff) > 0:
+                    p_value = float(stats.ttest_rel(cand[common], base[common]).pvalue)
             rows.append({
                 "dataset": dataset, "model": model, "candidate": candidate,
-                "baseline": baseline, "metric": metric, "pairs": len(diff),
-                "mean_diff": float(diff.mean()),
-                "std_diff": float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
-                "wins": int((diff > 0).sum()), "p_value": p_value,
+                "baseline": base_label, "control": control, "metric": metric,
+                "pairs": len(diff), "mean_diff": float(diff.mean()), "std_diff": std,
+                "ci95_low": low, "ci95_high": high, "wins": int((diff > 0).sum()),
+                "p_value": p_value,
             })  # fmt: skip
-    frame = pd.DataFrame(
-        rows,
-        columns=[
-            "dataset",
-            "model",
-            "candidate",
-            "baseline",
-            "metric",
-            "pairs",
-            "mean_diff",
-            "std_diff",
-            "wins",
-            "p_value",
-        ],
-    )
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     frame["p_holm"] = holm(frame["p_value"].to_numpy(dtype=float))
     tested = int(frame["p_value"].notna().sum())
     frame["correction"] = f"{CORRECTION} over {tested} comparisons" if tested else ""

@@ -10,6 +10,13 @@ from zsharp.atomic import atomic_open
 from zsharp.pipeline.aggregate.stats import CORRECTION, SPREAD_Z
 
 
+def _interval(low: float, high: float) -> str:
+    """[low, high] in percentage points, or – without two pairs."""
+    if pd.isna(low):
+        return "–"
+    return f"[{low * 100:+.2f}, {high * 100:+.2f}]"
+
+
 def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
     if pd.isna(mean):
         return "–"
@@ -42,6 +49,8 @@ def markdown(
                                                     table["sharpness_std"], strict=True)],
         "train loss": [_pm(m, s, 1, 4) for m, s in zip(table["final_train_loss_mean"],
                                                      table["final_train_loss_std"], strict=True)],
+        "‖ε‖": [_pm(m, s, 1, 3) for m, s in zip(table["epsilon_norm_mean"],
+                                             table["epsilon_norm_std"], strict=True)],
         "time s": [_pm(m, s, 1, 0) for m, s in zip(table["train_seconds_mean"],
                                                  table["train_seconds_std"], strict=True)],
     })  # fmt: skip
@@ -68,10 +77,14 @@ def markdown(
     if not comparison.empty:
         comp = pd.DataFrame({
             "dataset": comparison["dataset"], "model": comparison["model"],
-            "comparison": comparison["candidate"] + " − " + comparison["baseline"],
+            "comparison": [f"{c} − {b}" + (f" ({k})" if k else "") for c, b, k in
+                           zip(comparison["candidate"], comparison["baseline"],
+                               comparison["control"], strict=True)],
             "final acc diff (pp)": [_pm(m, s, 100) for m, s in
                                     zip(comparison["mean_diff"], comparison["std_diff"],
                                         strict=True)],
+            "95 % CI (pp)": [_interval(lo, hi) for lo, hi in
+                             zip(comparison["ci95_low"], comparison["ci95_high"], strict=True)],
             "wins": [f"{w}/{n}" for w, n in zip(comparison["wins"], comparison["pairs"],
                                                 strict=True)],
             "paired t-test p": [("–" if pd.isna(p) else f"{p:.3g}")
@@ -82,9 +95,12 @@ def markdown(
         parts += [
             "## Paired comparison over seeds",
             "",
-            "p: two-sided paired t-test over seeds; Holm p: adjusted for multiple comparisons "
-            f"with {CORRECTION} over the {tested} tested comparisons of this table "
-            "(family-wise error rate).",
+            "Candidate minus baseline, paired by seed. 95 % CI: the mean difference ± "
+            "t(0.975, n − 1)·std/√n over the n pairs (an interval that excludes 0 is a "
+            "difference the seeds resolve); p: two-sided paired t-test over seeds; Holm p: "
+            f"adjusted for multiple comparisons with {CORRECTION} over the {tested} tested "
+            "comparisons of this table (family-wise error rate). *matched ‖ε‖*: the baseline "
+            "is a control whose ρ makes its perturbation norm equal the candidate's.",
             "",
             comp.to_markdown(index=False),
             "",

@@ -91,6 +91,17 @@ class CellConfig:
         Arg("crop_padding", "integer", 4, "padding of the random crop", minimum=0)
     )
     flip: bool = _setting(Arg("flip", "boolean", True, "include the horizontal flip"))
+    label_noise: float = _setting(
+        Arg("label_noise", "number", 0.0, "the fraction r of training labels made wrong "
+            "(the test set stays clean), drawn per (dataset, seed)", minimum=0, maximum=1,
+            exclusive_maximum=True)
+    )  # fmt: skip
+    label_noise_kind: str = _setting(
+        Arg("label_noise_kind", "string", "symmetric", "symmetric: exactly r·N labels "
+            "replaced by one of the other classes, uniformly; asymmetric: each label of a "
+            "source class flipped to its target with probability r (CIFAR-10's map of "
+            "Patrini et al. 2017)", choices=("symmetric", "asymmetric"))
+    )  # fmt: skip
     label_smoothing: float = _setting(
         Arg("label_smoothing", "number", 0.0, "label smoothing of the loss", minimum=0,
             maximum=1, exclusive_maximum=True)
@@ -190,6 +201,17 @@ class CellConfig:
                 f"adaptive_scope: {self.adaptive_scope!r} applies to ASAM only (asam, "
                 f"zsharp-asam, or adaptive: true), not to {self.optimizer}"
             )
+        if (
+            self.label_noise > 0
+            and self.label_noise_kind == "asymmetric"
+            and not (self.spec.noise_map)
+        ):
+            raise ConfigError(
+                f"label_noise_kind: asymmetric noise has no class map for {self.dataset} "
+                "(defined for: "
+                + ", ".join(n for n, s in DATASETS.items() if s.noise_map)
+                + "); use symmetric"
+            )
         if self.micro_batches > self.batch_size:
             raise ConfigError(
                 f"micro_batches: {self.micro_batches} is more than the batch_size of "
@@ -288,6 +310,7 @@ class Runtime:
     wandb_name: str | None = None  # None: zsharp.pipeline.cell.config.run_name(label, seed)
     label: str | None = None  # the grid's optimizer entry (default: the optimizer's name)
     key: str | None = None  # the cell's key in its grid, dataset/model/label/seedN
+    matched: dict[str, Any] | None = None  # a matched control's record (zsharp.pipeline.grid)
 
     def validate(self) -> Runtime:
         """Raise :class:`ConfigError` naming the first bad setting; return self."""

@@ -27,7 +27,7 @@ from zsharp.pipeline.cell.metrics import (
     expected_calibration_error,
     hessian_top_eigenvalue,
 )
-from zsharp.pipeline.cell.runtime import build_cell_model, load_data, select_device
+from zsharp.pipeline.cell.runtime import build_cell_model, select_device, training_data
 from zsharp.pipeline.cell.tracking import Tracker
 
 _DEFAULT = {arg.name: arg.default for arg in EVALUATE}
@@ -65,7 +65,7 @@ def evaluate_cell(cell: Path, options: EvalOptions) -> dict[str, Any]:
         return result
     cfg = from_dict(summary["config"])
     device = select_device(options.device)
-    data = load_data(cfg, options.data_root)
+    data, _ = training_data(cfg, options.data_root)  # the labels it trained on
     model = build_cell_model(cfg, data)
     try:
         model.load_state_dict(checkpoint.load(cell / folder.WEIGHTS))

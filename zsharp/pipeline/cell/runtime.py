@@ -5,11 +5,14 @@ Shared by training and evaluation (each job builds these the same way).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from zsharp.data import DatasetNotReadyError, Prepared, download_dataset, load_prepared
+from zsharp.data.noise import labels_digest, noisy_labels
 from zsharp.models import build_model
 from zsharp.pipeline.cell.config import CellConfig, ConfigError
 
@@ -46,6 +49,32 @@ def load_data(cfg: CellConfig, root: Path) -> Prepared:
             raise
         download_dataset(cfg.dataset, root)
         return load_prepared(cfg.dataset, root)
+
+
+def training_data(cfg: CellConfig, root: Path) -> tuple[Prepared, dict[str, Any] | None]:
+    """The cell's data as it trains on it: :func:`load_data`, its training labels made
+    noisy by ``label_noise`` (zsharp.data.noise; the test labels clean). Returns it and
+    what the summary records of the noise (None without noise)."""
+    data = load_data(cfg, root)
+    if cfg.label_noise == 0:
+        return data, None
+    labels = data.train_y.numpy()
+    noisy = noisy_labels(
+        labels,
+        data.num_classes,
+        cfg.label_noise,
+        cfg.label_noise_kind,
+        dataset=cfg.dataset,
+        seed=cfg.seed,
+        noise_map=cfg.spec.noise_map,
+    )
+    record = {
+        "rate": cfg.label_noise,
+        "kind": cfg.label_noise_kind,
+        "wrong": int((noisy != labels).sum()),
+        "labels_sha256": labels_digest(noisy),
+    }
+    return dataclasses.replace(data, train_y=torch.from_numpy(noisy)), record
 
 
 def build_cell_model(cfg: CellConfig, data: Prepared) -> torch.nn.Module:

@@ -46,6 +46,8 @@ def identity(cfg: CellConfig, rt: Runtime) -> dict[str, Any]:
     return {
         "label": rt.label or cfg.optimizer,
         "key": rt.key,
+        # a matched control: the entry whose ‖ε‖ this cell's ρ equals
+        "matched": rt.matched,
         "config": cfg.to_dict(),
         "config_digest": cfg.digest(),
     }
@@ -75,6 +77,8 @@ def summarize(cfg: CellConfig, rt: Runtime, trainer: CellTrainer) -> dict[str, A
         "m": -(-cfg.batch_size // trainer.world.size)  # the largest shard
         if trainer.world.distributed and cfg.ddp == "m-sharpness"
         else None,
+        # the noisy training labels (rate, kind, how many are wrong, their digest)
+        "label_noise": trainer.label_noise,
         "versions": {"zsharp": __version__, "torch": torch.__version__},
         "wandb_run_id": trainer.progress.wandb_run_id,
         # where it ran: the scheduler's job and the devices it was given

@@ -33,13 +33,18 @@ from torch.nn import functional as F
 from zsharp.data.loader import DeviceLoader, eval_loader, train_loader
 from zsharp.optim import SAM, create
 from zsharp.optim.registry import get_optimizer
-from zsharp.optim.step import loss_passes, two_pass_step
+from zsharp.optim.step import loss_passes, sharpness_aware_at, two_pass_step
 from zsharp.pipeline.cell import distributed, resume
 from zsharp.pipeline.cell.config import CellConfig, ConfigError, Runtime
 from zsharp.pipeline.cell.distributed import World
 from zsharp.pipeline.cell.metrics import evaluate
 from zsharp.pipeline.cell.progress import DIAGNOSTICS, Progress
-from zsharp.pipeline.cell.runtime import build_cell_model, load_data, select_device, set_precision
+from zsharp.pipeline.cell.runtime import (
+    build_cell_model,
+    select_device,
+    set_precision,
+    training_data,
+)
 from zsharp.pipeline.cell.schedule import lr_lambda
 
 EXIT_INTERRUPTED = 3  # a checkpoint was written; run the same command again to continue
@@ -85,18 +90,39 @@ def check_world(cfg: CellConfig, processes: int, device_type: str, train_images:
         )
     if cfg.sync_bn and device_type != "cuda":
         raise ConfigError("sync_bn: SyncBatchNorm runs on CUDA devices only")
+    info = get_optimizer(cfg.optimizer)
+    own_ascent = processes > 1 and cfg.ddp == "m-sharpness" and not info.is_base
+    if own_ascent and getattr(info.load(), "keeps_ascent_gradient", False):
+        raise ConfigError(
+            f"ddp: m-sharpness gives every rank its own gradient at w, which "
+            f"{cfg.optimizer}'s descent uses: the ranks' weights would drift apart; "
+            "use ddp: synced"
+        )
 
 
 def param_groups(model: torch.nn.Module, cfg: CellConfig) -> list[dict[str, Any]]:
-    """The model's parameters as the optimizer's groups: one group, or for ASAM with
-    ``adaptive_scope: weights`` the tensors named *weight* (scaled by T = |w| + η) and the
-    rest (T = 1) in two groups under one global norm, as the released code's ASAM."""
+    """The model's parameters as the optimizer's groups.
+
+    One group; for SAM-ON (the registry's ``groups="normalization"``) the normalisation
+    layers' apart from the rest, which is never perturbed (``perturb=False``); and for ASAM
+    with ``adaptive_scope: weights`` each of those split into the tensors named *weight*
+    (scaled by T = |w| + η) and the rest (T = 1), under one global norm, as the released
+    code's ASAM."""
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    if get_optimizer(cfg.optimizer).groups == "normalization":
+        from zsharp.optim.samon import normalization_groups
+
+        groups = normalization_groups(model)
     if cfg.adaptive_scope == "all":
-        return [{"params": list(model.parameters())}]
-    named = list(model.named_parameters())
-    weights = [p for name, p in named if "weight" in name]
-    others = [p for name, p in named if "weight" not in name]
-    return [{"params": weights}, {"params": others, "adaptive": False}]
+        return groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    split = []
+    for group in groups:
+        weights = [p for p in group["params"] if "weight" in names[id(p)]]
+        others = [p for p in group["params"] if "weight" not in names[id(p)]]
+        extra = {k: v for k, v in group.items() if k != "params"}
+        split += [{"params": weights, **extra}, {"params": others, **extra, "adaptive": False}]
+    return [group for group in split if group["params"]]
 
 
 class StopSignals:
@@ -136,7 +162,7 @@ class CellTrainer:
         self.autocast_dtype = set_precision(cfg.precision, self.device)
         if rt.threads:
             torch.set_num_threads(max(1, rt.threads // world.size))
-        self.data = load_data(cfg, rt.data_root)
+        self.data, self.label_noise = training_data(cfg, rt.data_root)
         check_world(cfg, world.size, self.device.type, len(self.data.train_y))
         if world.distributed:
             distributed.init(world, self.device.type)
@@ -261,7 +287,9 @@ class CellTrainer:
         On several processes ``share`` weighs this rank's gradient (see :meth:`_step_body`);
         with ``ddp: m-sharpness`` the first pass is not all-reduced, so ε is this rank's own.
         With ``graphs`` the step is a replay of its CUDA graph (:mod:`zsharp.optim.graphs`)."""
-        sharpness_aware = self.sam and self.scheduler.last_epoch % self.cfg.sam_interval == 0
+        sharpness_aware = sharpness_aware_at(
+            self.optimizer, self.scheduler.last_epoch, self.cfg.sam_interval
+        )
         if self.graphed is not None:
             loss, correct = self.graphed(x, y, sharpness_aware)
         else:

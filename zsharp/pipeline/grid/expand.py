@@ -36,6 +36,7 @@ from zsharp.pipeline.cell.config import (
     ConfigError,
     cell_config,
 )
+from zsharp.pipeline.grid.matched import check_matches, matched_settings
 from zsharp.pipeline.grid.published import Reference, check_published
 from zsharp.pipeline.grid.schema import MAX_CELLS, GridError, check_schema
 
@@ -54,6 +55,8 @@ class Cell:
     label: str  # the optimizer entry's name in the config
     seed: int
     config: CellConfig = field(compare=False)
+    # a matched control: the entry whose ‖ε‖ its ρ equals, and how it was chosen
+    matched: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -82,6 +85,7 @@ class Grid:
     cells: list[Cell]
     sweeps: dict[str, Sweep] = field(default_factory=dict)  # label → its sweep
     published: list[Reference] = field(default_factory=list)
+    matches: dict[str, str] = field(default_factory=dict)  # matched entry → the one it matches
 
     @property
     def experiment_dir(self) -> Path:
@@ -119,6 +123,7 @@ def cell_settings(
     """(optimizer name, merged settings, where each setting came from) for one cell."""
     entry = dict(config["optimizers"][label] or {})
     optimizer = entry.pop("optimizer", label)
+    entry.pop("match", None)  # the entry's ρ: zsharp.pipeline.grid.matched
     settings: dict[str, Any] = {}
     source: dict[str, str] = {}
     _merge(settings, source, config.get("train"), "train")
@@ -161,7 +166,7 @@ def _cell(dataset: str, model: str, optimizer: str, frozen: str) -> CellConfig:
 
 
 # short names of swept keys in the labels they make (zsharp-p90, as the paper names them)
-_SHORT = {"percentile": "p"}
+_SHORT = {"percentile": "p", "label_noise": "noise"}
 
 
 def _number_text(value: Any) -> str:
@@ -203,6 +208,8 @@ def expand_sweeps(optimizers: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 # the sensitivity plots of the aggregate: one per swept key of a family and dataset
 SENSITIVITY_PLOT = "sensitivity_{family}_{param}_{dataset}.png"
+# the aggregate's plot of accuracy against ‖ε‖: one per dataset and model
+EPSILON_PLOT = "accuracy_vs_epsilon_{dataset}_{model}.png"
 
 
 def sensitivity_plots(grid: Grid) -> list[tuple[str, str, str]]:
@@ -291,14 +298,25 @@ def load_grid(config: Any, cells: bool = True) -> Grid:
     config["optimizers"], sweeps = expand_sweeps(config["optimizers"])
     _check_references(config, sweeps)
     published = check_published(config)
+    matches = check_matches(config["optimizers"])
     if not cells:
-        return Grid(config, [], sweeps, published)
+        return Grid(config, [], sweeps, published, matches)
     _check_places(config)
     grid_cells = []
     for dataset in config["datasets"]:
         for model in config["models"]:
-            for label in config["optimizers"]:
+            # matched entries last: their ρ comes from the cells of the entries they match
+            labels = sorted(config["optimizers"], key=lambda label: label in matches)
+            resolved: dict[str, CellConfig] = {}
+            for label in labels:
                 optimizer, settings, source = cell_settings(config, dataset, model, label)
+                matched = None
+                if label in matches:
+                    target = resolved[matches[label]]
+                    settings, matched = matched_settings(
+                        label, matches[label], optimizer, settings, target.optimizer,
+                        target.opt_args, dataset, model, target.model_args,
+                    )  # fmt: skip
                 for i, seed in enumerate(config["seeds"]):
                     source["seed"] = f"seeds.{i}"
                     try:
@@ -310,8 +328,17 @@ def load_grid(config: Any, cells: bool = True) -> Grid:
                         where = f"{dataset}/{model}/{label}"
                         located = _located(error, source, where, f"optimizers.{label}.optimizer")
                         raise _unswept(located, label, sweeps.get(label)) from None
-                    grid_cells.append(Cell(dataset, model, label, seed, copy.deepcopy(cfg)))
-    return Grid(config, grid_cells, sweeps, published)
+                    resolved.setdefault(label, cfg)
+                    grid_cells.append(
+                        Cell(dataset, model, label, seed, copy.deepcopy(cfg), matched)
+                    )
+    # the config's order (datasets, models, entries, seeds), matched entries in their place
+    order = {k: {v: i for i, v in enumerate(config[k])} for k in ("datasets", "models")}
+    entries = {label: i for i, label in enumerate(config["optimizers"])}
+    grid_cells.sort(
+        key=lambda c: (order["datasets"][c.dataset], order["models"][c.model], entries[c.label])
+    )
+    return Grid(config, grid_cells, sweeps, published, matches)
 
 
 _NAME_MAX = 255  # the longest folder name common file systems allow
@@ -364,9 +391,10 @@ def _check_references(config: dict[str, Any], sweeps: dict[str, Sweep]) -> None:
     """Names that must point into the grid: the comparison's entries (a candidate may name a
     swept entry: all its values), overrides' `when`."""
     compare = config.get("compare") or {}
-    if compare.get("baseline") and compare["baseline"] not in config["optimizers"]:
-        raise GridError(f"compare.baseline: {compare['baseline']!r} is not an optimizers entry")
     families = {sweep.family for sweep in sweeps.values()}
+    baseline = compare.get("baseline")
+    if baseline and baseline not in config["optimizers"] and baseline not in families:
+        raise GridError(f"compare.baseline: {baseline!r} is not an optimizers entry")
     for i, label in enumerate(compare.get("candidates") or []):
         if label not in config["optimizers"] and label not in families:
             raise GridError(f"compare.candidates.{i}: {label!r} is not an optimizers entry")
@@ -392,6 +420,39 @@ def comparison(
     if candidates is None:
         candidates = [label for label, name in entries.items() if name.startswith(CANDIDATE_PREFIX)]
     return baseline, [c for c in candidates if c != baseline]
+
+
+def comparison_pairs(grid: Grid) -> list[tuple[str, str]]:
+    """The (candidate, baseline) pairs of a grid's comparison. A swept baseline (its
+    entry's name, e.g. ``sgd`` swept over ``label_noise``) pairs each candidate with its
+    member of the same swept values (``sam-noise0.2`` with ``sgd-noise0.2``)."""
+    compare = grid.config.get("compare") or {}
+    families: dict[str, list[str]] = {}
+    for label, sweep in grid.sweeps.items():
+        families.setdefault(sweep.family, []).append(label)
+    baseline = compare.get("baseline")
+    if baseline not in families:
+        base, candidates = grid_comparison(grid)
+        return [(c, base) for c in candidates] if base is not None else []
+    entries = {
+        label: (entry or {}).get("optimizer", label)
+        for label, entry in grid.config["optimizers"].items()
+    }
+    named = compare.get("candidates")
+    if named is None:
+        candidates = [c for c, name in entries.items() if name.startswith(CANDIDATE_PREFIX)]
+    else:
+        candidates = [c for name in named for c in families.get(name, [name])]
+    by_values = {
+        json.dumps(grid.sweeps[label].values, sort_keys=True): label for label in families[baseline]
+    }
+    pairs = []
+    for candidate in candidates:
+        sweep = grid.sweeps.get(candidate)
+        base = by_values.get(json.dumps(sweep.values, sort_keys=True)) if sweep else None
+        if base is not None and candidate != base:
+            pairs.append((candidate, base))
+    return pairs
 
 
 def grid_comparison(grid: Grid) -> tuple[str | None, list[str]]:
