@@ -26,6 +26,8 @@ _BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n).*?(<!-- end generated -->)",
 
 
 def _value(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
@@ -45,20 +47,33 @@ def _args(args: tuple[Arg, ...], skip: set[str] | None = None) -> str:
     return ", ".join(shown) or "—"
 
 
+def _passes(info: Any) -> str:
+    """Forward-backward passes a step: 1 for a base optimizer, 1 + 1/k with LookSAM's k."""
+    if info.is_base:
+        return "1"
+    return "1 + 1/k" if "k" in info.arg_names else "2"
+
+
 def optimizers() -> str:
-    rows = ["| name | what | its arguments (defaults) | reference |", "|---|---|---|---|"]
+    rows = [
+        "| name | what | passes a step | its arguments (defaults) | reference |",
+        "|---|---|---|---|---|",
+    ]
     for info in OPTIMIZERS.values():
         fixed = ", ".join(f"`{k}` = {_value(v)}" for k, v in info.fixed.items())
         what = info.description + (f" ({fixed})" if fixed else "")
         reference = info.reference or "—"
-        rows.append(f"| `{info.name}` | {_cell(what)} | {_args(info.args)} | {reference} |")
+        rows.append(
+            f"| `{info.name}` | {_cell(what)} | {_passes(info)} | {_args(info.args)} "
+            f"| {reference} |"
+        )
     return "\n".join(rows)
 
 
 def models() -> str:
     rows = ["| name | what | options (defaults) |", "|---|---|---|"]
     for info in MODELS.values():
-        options = _args(info.options).replace("`patch_size` = None", "`patch_size` = auto")
+        options = _args(info.options).replace("`patch_size` = null", "`patch_size` = auto")
         rows.append(f"| `{info.name}` | {_cell(info.description)} | {options} |")
     rows.append("| `timm:NAME` | any timm model, random weights | timm's own |")
     return "\n".join(rows)
