@@ -6,7 +6,8 @@
 # channels-last, the filter vs torch.quantile, peak memory, a host-sync check), the data
 # path benchmark (device-resident loader vs DataLoader workers, goal ≥ 3×), the CUDA tests
 # (data loader, CUDA-graphed step vs eager),
-# a short training run with and without torch.compile, and the throughput of small-model
+# a short training run with and without torch.compile, the SAM family's step costs, the
+# README's quick start (every cell on the GPU), and the throughput of small-model
 # cells (one cell and k packed cells per GPU; fp32/TF32/bf16; eager, CUDA graph, compile)
 # with the paper grid's projected GPU-hours: OUT_DIR/gpu_throughput.md is the table the
 # README shows. $GPU_THROUGHPUT_BUDGET_S bounds that last part (default 390 s).
@@ -48,6 +49,11 @@ for compile in "" "--compile"; do
     zsharp train --dataset digits --model resnet20 --optimizer zsharp --epochs 2 \
     --out "$OUT/train-resnet20${compile:+-compiled}" --progress lines $compile
 done
+part "step cost of the SAM family" "$OUT/family_step.log" \
+  python benchmarks/family_step.py --device cuda --out "$OUT/family_step.json"
+# the README's quick start as a user runs it, every cell on the GPU (device: auto)
+part "quick start on CUDA" "$OUT/quickstart.log" bash -c \
+  "time snakemake --cores all -q && cp results/quickstart/results.md '$OUT/quickstart-results.md'"
 part "throughput of small-model cells" "$OUT/gpu_throughput.log" \
   python benchmarks/gpu_throughput.py --out-dir "$OUT" --data-path-json "$OUT/data_path.json" \
   --budget-s "${GPU_THROUGHPUT_BUDGET_S:-390}"
