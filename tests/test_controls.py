@@ -83,6 +83,7 @@ def test_a_bad_match_is_one_line_naming_the_key(entry: dict, match: str) -> None
         load_grid(config)
 
 
+@pytest.mark.slow  # a workflow run of its own (> 10 s)
 def test_matched_cells_measure_the_same_norm_through_the_workflow(tmp_path: Path) -> None:
     """The real cells of the released ZSharp and of its matched SAM: their measured mean ‖ε‖
     agree to the rule's bound (the 1-D tensors' SAM share adds at most ρ² to ‖ε‖²); the
@@ -231,6 +232,7 @@ def test_asymmetric_noise_without_a_class_map_is_refused() -> None:
         cell_config("digits", "resnet20", "sgd", label_noise=0.2, label_noise_kind="asymmetric")
 
 
+@pytest.mark.slow  # a workflow run of its own (> 10 s)
 def test_a_label_noise_cell_trains_through_the_workflow(tmp_path: Path) -> None:
     config = tiny_config(optimizers={"sgd": {"sweep": {"label_noise": [0.3]}}})
     snakemake(tmp_path, "--cores", "2", config=write_config(tmp_path, config))

@@ -8,15 +8,19 @@ makes one from Debian and the PyTorch wheels on this machine's disk).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
+import yaml
 
-from tests.workflow_helpers import REPO
+from tests.workflow_helpers import REPO, snakemake, write_config
 
 DOCKER = shutil.which("docker")
 
@@ -56,8 +60,20 @@ def _base_image() -> str | None:
     return None
 
 
+def _finals(experiment: Path) -> dict[str, dict]:
+    """Each cell's final epoch (``summary.json``'s ``final``), by its folder."""
+    return {
+        str(p.parent.relative_to(experiment)): json.loads(p.read_text())
+        for p in (experiment / "cells").glob("*/*/*/*/summary.json")
+    }
+
+
 @pytest.mark.slow
 def test_image_builds_and_runs_the_quick_start(tmp_path: Path) -> None:
+    """The image built on a PyTorch base, its default command (the quick start) run as uid
+    1000 with the work folder mounted: every cell of the grid in the table, each cell's
+    final epoch equal to the same cell trained on this host with the same PyTorch (CPU
+    training is deterministic; seed 0's cells, to keep the test within its budget)."""
     problem = _engine_problem()
     if problem:
         pytest.skip(problem)
@@ -76,14 +92,41 @@ def test_image_builds_and_runs_the_quick_start(tmp_path: Path) -> None:
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     work = tmp_path / "work"
-    work.mkdir(mode=0o777)
+    work.mkdir()
     work.chmod(0o777)  # the image's user (uid 1000) writes here
     run = subprocess.run(
-        [DOCKER, "run", "--rm", "-v", f"{work}:/work", "-e", "WANDB_MODE=offline", tag],
+        [DOCKER, "run", "--rm", "--user", "1000:1000", "-v", f"{work}:/work",
+         "-e", "WANDB_MODE=offline", tag],
         capture_output=True,
         text=True,
         timeout=1800,
-    )
+    )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert (work / "results/quickstart/results.md").exists()
-    assert (work / "results/quickstart/plots/final_accuracy.png").exists()
+    experiment = work / "results/quickstart"
+    grid = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    inside = _finals(experiment)
+    assert len(inside) == len(grid["optimizers"]) * len(grid["seeds"])
+    assert all(s["status"] == "ok" for s in inside.values())
+    assert {p.lstat().st_uid for p in experiment.rglob("*")} == {1000}
+    table = pd.read_csv(experiment / "results.csv")
+    assert set(table["optimizer"]) == set(grid["optimizers"])
+    assert (table["seeds"] == len(grid["seeds"])).all()
+    assert (table["failed"] + table["missing"] == 0).all()
+    assert (experiment / "plots/final_accuracy.png").stat().st_size > 10_000
+    torch_inside = {s["versions"]["torch"] for s in inside.values()}
+    assert torch_inside == {torch.__version__}, (
+        f"the base image's torch {torch_inside} is not this host's {torch.__version__}: "
+        "make the base with TORCH= set to it (.ci/docker/make-torch-base.sh)"
+    )
+
+    host = tmp_path / "host"
+    host.mkdir()
+    snakemake(host, "--cores", "all", config=write_config(host, {**grid, "seeds": [0]}))
+    on_host = _finals(host / "results/quickstart")
+    assert on_host and set(on_host) <= set(inside)
+    for cell, summary in on_host.items():  # every number of the last epoch but its speed
+        assert _numbers(summary) == _numbers(inside[cell]), cell
+
+
+def _numbers(summary: dict) -> dict:
+    return {k: v for k, v in summary["final"].items() if k != "images_per_second"}

@@ -240,6 +240,7 @@ def test_wandb_server_that_never_answers_or_rejects_the_key(kind, data_root, tmp
     assert_trained_offline(out, result)
 
 
+@pytest.mark.slow  # waits out W&B's service timeout (> 10 s)
 def test_wandb_service_that_never_starts_costs_a_warning(data_root, tmp_path) -> None:
     """wandb's service process never comes up: training goes on without W&B."""
     core = tmp_path / "wandb-core"

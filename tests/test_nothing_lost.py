@@ -189,6 +189,7 @@ def test_zsharp_download_mends_a_damaged_dataset(tmp_path: Path) -> None:
     assert labels.read_bytes() == good
 
 
+@pytest.mark.slow  # a workflow run of its own (> 10 s)
 def test_the_workflow_prepares_damaged_data_again_before_training(data_root, tmp_path) -> None:
     """A grid whose prepared digits were truncated since: the run prepares them again and
     trains on them; it never records a fault of the data as the cell's result."""

@@ -29,8 +29,9 @@ def test_library_example_runs(tmp_path: Path) -> None:
 
 
 def test_ci_runs_the_readme_test_command_and_then_the_slow_tests() -> None:
-    """The README's `pytest` leaves the slow tests out (pyproject's addopts); CI runs it and
-    then `pytest -m slow`, each to the end, and fails if either failed."""
+    """The README's `pytest -n 2` leaves the slow tests out (pyproject's addopts); CI runs it
+    and then `pytest -m slow` (a test file to a process: their clusters and grids are
+    per file), each to the end, and fails if either failed."""
     quick_start = README.split("## Quick start", 1)[1].split("##", 1)[0]
     test_line = next(line for line in quick_start.splitlines() if "'.[test]'" in line)
     command = test_line.split("&&")[-1].strip()
@@ -39,11 +40,11 @@ def test_ci_runs_the_readme_test_command_and_then_the_slow_tests() -> None:
         for line in (REPO / ".ci/run").read_text().splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
-    assert command == "pytest"
+    assert command == "pytest -n 2"
     assert ci[-4:] == [
         "status=0",
         f"{command} || status=$?",
-        "pytest -m slow || status=$?",
+        "pytest -m slow -n 2 --dist loadfile || status=$?",
         'exit "$status"',
     ]
     addopts = re.search(r"^addopts = \"(.*)\"$", (REPO / "pyproject.toml").read_text(), re.M)

@@ -91,6 +91,7 @@ def test_changing_runtime_or_wandb_settings_reruns_nothing(grid_run: Path) -> No
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # a workflow run of its own (> 10 s)
 def test_changing_one_optimizers_hyperparameter_reruns_only_its_cells(own_grid: Path) -> None:
     config = tiny_config(wandb={"mode": "offline"})
     config["optimizers"]["zsharp"]["opt_args"]["rho"] = 0.1
@@ -106,6 +107,7 @@ def test_changing_one_optimizers_hyperparameter_reruns_only_its_cells(own_grid: 
     assert summary["config"]["opt_args"]["rho"] == 0.1
 
 
+@pytest.mark.slow  # a workflow run of its own (> 10 s)
 def test_adding_a_seed_runs_only_the_new_cells(own_grid: Path) -> None:
     path = write_config(own_grid, tiny_config(wandb={"mode": "offline"}, seeds=[0, 1]))
     before = mtimes(own_grid / EXP)

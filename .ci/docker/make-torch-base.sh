@@ -34,14 +34,27 @@ deps = project["dependencies"] + project["optional-dependencies"]["workflow"]
 print("\n".join(d for d in deps if not d.startswith(("torch", "torchvision"))))
 PY
 )
-cat > "$context/Dockerfile" <<'DOCKERFILE'
+# The wheels are served to the build over the host's loopback rather than copied into the
+# context: a COPY would keep their 3 GB as a layer of the image under the installed venv.
+port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+python3 -m http.server --bind 127.0.0.1 --directory "$context/wheels" "$port" >/dev/null 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null; rm -rf "$context"' EXIT
+for _ in $(seq 100); do  # until it answers
+  python3 -c "import urllib.request as r; r.urlopen('http://127.0.0.1:$port/')" 2>/dev/null && break
+  sleep 0.1
+done
+mkdir "$context/build"
+cat > "$context/build/Dockerfile" <<'DOCKERFILE'
 FROM zsharp-local/debian:bookworm
-COPY wheels /tmp/wheels
+ARG WHEELS
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels
+    && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links "$WHEELS" $(python3 -c \
+       "import re, sys, urllib.request as r; print(' '.join(sys.argv[1] + '/' + n for n in re.findall(r'href=\"([^\"]+[.]whl)\"', r.urlopen(sys.argv[1]).read().decode())))" \
+       "$WHEELS")
 ENV PATH=/opt/venv/bin:$PATH
 DOCKERFILE
 log "building $TAG ($(du -sh "$context/wheels" | cut -f1) of wheels)"
-docker build --quiet -t "$TAG" "$context" >/dev/null
+docker build --quiet --network host --build-arg "WHEELS=http://127.0.0.1:$port" -t "$TAG" \
+  "$context/build" >/dev/null
 log "$TAG ready in $(( $(date +%s) - T0 )) s ($(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.1f GB", $1/1e9}'))"
