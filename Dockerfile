@@ -16,18 +16,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MPLBACKEND=Agg
 
 WORKDIR /opt/zsharp
-COPY pyproject.toml README.md Snakefile ./
-COPY zsharp ./zsharp
-COPY workflow ./workflow
-COPY config ./config
+# One layer with the package, its build hook and the workflow (.dockerignore lets in only
+# these), one with the install and the user: each layer is a full copy of the base under
+# some storage drivers (vfs).
+COPY . .
 # The project itself: its dependency ranges live in pyproject.toml (the base image's torch
-# satisfies torch>=2.4), so there is no version to pin here.
+# satisfies torch>=2.4), so there is no version to pin here. Run as an ordinary user;
+# /work holds data/, results/, logs/ and Snakemake's .snakemake/.
 # hadolint ignore=DL3013
 RUN python -m pip install --no-cache-dir ".[workflow]" \
-    && python -c "import torch, zsharp.optim; print('torch', torch.__version__)"
-
-# Run as an ordinary user; /work holds data/, results/, logs/ and Snakemake's .snakemake/
-RUN useradd --create-home --uid 1000 --shell /bin/bash zsharp \
+    && python -c "import torch, zsharp.optim; print('torch', torch.__version__)" \
+    && useradd --create-home --uid 1000 --shell /bin/bash zsharp \
     && mkdir -p /work \
     && chown zsharp:zsharp /work
 USER 1000:1000

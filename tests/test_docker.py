@@ -85,12 +85,30 @@ def test_image_builds_and_runs_the_quick_start(tmp_path: Path) -> None:
         )
     tag = "zsharp-test:latest"
     build = subprocess.run(
-        [DOCKER, "build", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(REPO)],
+        # the host's network: pip fetches the build backend (setuptools) from the registry
+        # the host reaches, also on an engine without a bridge (start-engine.sh's fallback)
+        [DOCKER, "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}", "-t", tag,
+         str(REPO)],
         capture_output=True,
         text=True,
         timeout=1800,
-    )
+    )  # fmt: skip
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    # the build context is the package and its workflow (.dockerignore): no venv, data,
+    # results or .git in the image, and the installed package carries its own workflow
+    inspect = subprocess.run(
+        [DOCKER, "run", "--rm", tag, "sh", "-c", "ls -A /opt/zsharp && zsharp snakefile"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    *copied, installed_snakefile = inspect.stdout.split()
+    assert {"pyproject.toml", "setup.py", "Snakefile", "zsharp", "workflow", "config"} <= set(
+        copied
+    )
+    assert not {".venv", ".git", "data", "results", "tests", "logs"} & set(copied), copied
+    assert installed_snakefile.endswith("zsharp/_workflow/Snakefile"), installed_snakefile
     work = tmp_path / "work"
     work.mkdir()
     work.chmod(0o777)  # the image's user (uid 1000) writes here

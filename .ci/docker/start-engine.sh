@@ -39,6 +39,15 @@ if docker info >/dev/null 2>&1; then
   exit 0
 fi
 
+# A machine restarted under a running engine leaves its pid files behind, and dockerd
+# refuses to start while they exist ("pid file found"): remove those of dead processes.
+for stale in "$PIDFILE" /var/run/docker/containerd/containerd.pid; do
+  if [[ -f $stale ]] && ! kill -0 "$(cat "$stale" 2>/dev/null)" 2>/dev/null; then
+    log "removing the stale $stale"
+    rm -f "$stale"
+  fi
+done
+
 if ! command -v dockerd >/dev/null; then
   if [[ -n ${DOCKER_CI_NO_INSTALL:-} ]]; then log "dockerd missing and DOCKER_CI_NO_INSTALL set"; exit 3; fi
   log "installing docker.io with apt-get"
