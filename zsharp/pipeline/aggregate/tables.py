@@ -25,6 +25,26 @@ def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+#: the results table's per-entry columns: (title, metric, scale, decimals), each shown as
+#: the mean ± std over seeds of ``<metric>_mean`` and ``<metric>_std``
+COLUMNS: tuple[tuple[str, str, float, int], ...] = (
+    ("final acc %", "final_test_acc", 100, 2),
+    ("best acc %", "best_test_acc", 100, 2),
+    ("test loss", "test_loss", 1, 3),
+    ("ECE %", "ece", 100, 2),
+    ("sharpness", "sharpness", 1, 3),
+    ("train loss", "final_train_loss", 1, 4),
+    ("‖ε‖", "epsilon_norm", 1, 3),
+    ("time s", "train_seconds", 1, 0),
+)
+
+
+def _mean_std(table: pd.DataFrame, metric: str, scale: float, digits: int) -> list[str]:
+    """``mean ± std`` of one metric, a string per row."""
+    pairs = zip(table[f"{metric}_mean"], table[f"{metric}_std"], strict=True)
+    return [_pm(m, s, scale, digits) for m, s in pairs]
+
+
 def markdown(
     table: pd.DataFrame,
     comparison: pd.DataFrame,
@@ -37,22 +57,8 @@ def markdown(
         "dataset": table["dataset"], "model": table["model"], "optimizer": table["optimizer"],
         "seeds": [_seeds(s, f, m) for s, f, m in zip(table["seeds"], table["failed"],
                                                      table["missing"], strict=True)],
-        "final acc %": [_pm(m, s, 100) for m, s in zip(table["final_test_acc_mean"],
-                                                     table["final_test_acc_std"], strict=True)],
-        "best acc %": [_pm(m, s, 100) for m, s in zip(table["best_test_acc_mean"],
-                                                    table["best_test_acc_std"], strict=True)],
-        "test loss": [_pm(m, s, 1, 3) for m, s in zip(table["test_loss_mean"],
-                                                    table["test_loss_std"], strict=True)],
-        "ECE %": [_pm(m, s, 100) for m, s in zip(table["ece_mean"], table["ece_std"],
-                                                 strict=True)],
-        "sharpness": [_pm(m, s, 1, 3) for m, s in zip(table["sharpness_mean"],
-                                                    table["sharpness_std"], strict=True)],
-        "train loss": [_pm(m, s, 1, 4) for m, s in zip(table["final_train_loss_mean"],
-                                                     table["final_train_loss_std"], strict=True)],
-        "‖ε‖": [_pm(m, s, 1, 3) for m, s in zip(table["epsilon_norm_mean"],
-                                             table["epsilon_norm_std"], strict=True)],
-        "time s": [_pm(m, s, 1, 0) for m, s in zip(table["train_seconds_mean"],
-                                                 table["train_seconds_std"], strict=True)],
+        **{title: _mean_std(table, metric, scale, digits)
+           for title, metric, scale, digits in COLUMNS},
     })  # fmt: skip
     parts = [
         "# Results",
