@@ -8,7 +8,6 @@ makes one from Debian and the PyTorch wheels on this machine's disk).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import torch
 import yaml
 
 from tests.workflow_helpers import REPO, snakemake, write_config
+from zsharp.pipeline.cell.folder import SUMMARY, read_summary
 
 DOCKER = shutil.which("docker")
 
@@ -61,10 +61,10 @@ def _base_image() -> str | None:
 
 
 def _finals(experiment: Path) -> dict[str, dict]:
-    """Each cell's final epoch (``summary.json``'s ``final``), by its folder."""
+    """Each finished cell's summary (its ``final`` epoch among it), by its folder."""
     return {
-        str(p.parent.relative_to(experiment)): json.loads(p.read_text())
-        for p in (experiment / "cells").glob("*/*/*/*/summary.json")
+        str(p.parent.relative_to(experiment)): read_summary(p.parent)
+        for p in (experiment / "cells").glob(f"*/*/*/*/{SUMMARY}")
     }
 
 
